@@ -1,0 +1,8 @@
+"""Dataset registration. Importing this package registers the built-in datasets."""
+from .panoptic import (  # noqa: F401
+    DatasetFormatError,
+    load_panoptic_json,
+    panoptic_metadata_from_categories,
+    register_panoptic_dataset,
+)
+from . import register_synthetic  # noqa: F401

@@ -1,0 +1,231 @@
+"""Register a COCO-panoptic-format dataset: the one code path for the synthetic set, COCO and custom data.
+
+A dataset in COCO panoptic format is
+
+* a folder of RGB images,
+* a folder of panoptic PNGs (segment id = R + 256 G + 256^2 B, 0 = unlabelled),
+* a panoptic JSON (``images``, ``annotations`` with ``segments_info``, ``categories`` with ``isthing``),
+* optionally a folder of semantic PNGs (contiguous class id per pixel, 255 = ignore), needed only by
+  semantic-segmentation evaluation.
+
+:func:`register_panoptic_dataset` registers such a dataset under a name in Detectron2's
+``DatasetCatalog`` / ``MetadataCatalog`` with everything ``COCOPanopticEvaluator``, ``SemSegEvaluator``,
+the mappers and the ``Visualizer`` need. :func:`load_panoptic_json` reads it into Detectron2's standard
+dicts and checks the annotations while doing so: a missing file, an unknown category id, an image without
+segments or a duplicated segment id raises an error that names the file and how to fix it. Nothing is
+skipped silently.
+"""
+import json
+import os
+from typing import Callable, Dict, List, Optional
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+__all__ = [
+    "DatasetFormatError",
+    "panoptic_metadata_from_categories",
+    "load_panoptic_json",
+    "register_panoptic_dataset",
+]
+
+
+class DatasetFormatError(ValueError):
+    """A dataset file is missing or does not follow the COCO panoptic format."""
+
+
+def panoptic_metadata_from_categories(categories: List[dict]) -> Dict:
+    """Detectron2 metadata for a list of COCO panoptic categories.
+
+    Classes are numbered 0..K-1 in the order of ``categories`` (things and stuff in one space, as in
+    Detectron2's ``coco_panoptic_standard``). ``thing_dataset_id_to_contiguous_id`` holds the things only;
+    ``stuff_dataset_id_to_contiguous_id`` holds every class, so that ``SemSegEvaluator`` can map all of
+    them (Mask2Former's convention). ``thing_classes`` and ``stuff_classes`` both list all K names,
+    indexed by contiguous id, as the ``Visualizer`` expects.
+    """
+    if not categories:
+        raise DatasetFormatError("the category list is empty")
+    ids = [c["id"] for c in categories]
+    if len(set(ids)) != len(ids):
+        raise DatasetFormatError(f"duplicated category ids in {ids}")
+    for c in categories:
+        missing = {"id", "name", "isthing"} - set(c)
+        if missing:
+            raise DatasetFormatError(f"category {c} lacks the key(s) {sorted(missing)}")
+    names = [c["name"] for c in categories]
+    colors = [list(c.get("color", [(37 * i) % 256, (97 * i) % 256, (173 * i) % 256]))
+              for i, c in enumerate(categories)]
+    return {
+        "thing_classes": names,
+        "thing_colors": colors,
+        "stuff_classes": names,
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {
+            c["id"]: i for i, c in enumerate(categories) if c["isthing"]
+        },
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
+    }
+
+
+def _require(path: str, what: str, hint: Optional[str]) -> None:
+    if not os.path.exists(path):
+        msg = f"{what} not found: {path}"
+        if hint:
+            msg += f"\n  {hint}"
+        raise FileNotFoundError(msg)
+
+
+def load_panoptic_json(
+    json_file: str,
+    image_root: str,
+    panoptic_root: str,
+    meta: Dict,
+    sem_seg_root: Optional[str] = None,
+    image_ext: Optional[str] = None,
+    prepare_hint: Optional[str] = None,
+) -> List[dict]:
+    """Read a COCO panoptic JSON into Detectron2 dicts, checking it on the way.
+
+    Args:
+        json_file: the panoptic JSON.
+        image_root: folder of the images. An image is looked up by the ``file_name`` of its ``images``
+            entry; with ``image_ext`` set (e.g. ``".jpg"`` for COCO) by the annotation's PNG name with
+            that extension instead.
+        panoptic_root: folder of the panoptic PNGs named by ``annotations[i]["file_name"]``.
+        meta: metadata with ``thing_dataset_id_to_contiguous_id`` and ``stuff_dataset_id_to_contiguous_id``.
+        sem_seg_root: optional folder of semantic PNGs named like the panoptic PNGs.
+        prepare_hint: appended to "not found" errors: the command that creates the dataset.
+
+    Returns:
+        one dict per image: ``file_name``, ``image_id``, ``height``, ``width``, ``pan_seg_file_name``,
+        ``segments_info`` (``id``, contiguous ``category_id``, ``isthing``, ``iscrowd``, ``area``,
+        ``bbox``) and, with ``sem_seg_root``, ``sem_seg_file_name``.
+    """
+    _require(json_file, "panoptic JSON", prepare_hint)
+    _require(image_root, "image folder", prepare_hint)
+    _require(panoptic_root, "panoptic PNG folder", prepare_hint)
+    if sem_seg_root is not None:
+        _require(sem_seg_root, "semantic PNG folder", prepare_hint)
+    try:
+        with open(json_file) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{json_file} is not valid JSON: {e}") from e
+    for key in ("images", "annotations"):
+        if key not in data:
+            raise DatasetFormatError(f"{json_file} has no '{key}' list: not a COCO panoptic JSON")
+
+    thing_map = meta["thing_dataset_id_to_contiguous_id"]
+    stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
+    images = {int(img["id"]): img for img in data["images"]}
+    ret = []
+    for ann in data["annotations"]:
+        image_id = int(ann["image_id"])
+        where = f"{json_file}, annotation of image_id {image_id} ({ann.get('file_name')})"
+        if image_id not in images:
+            raise DatasetFormatError(f"{where}: image_id is not listed in 'images'")
+        img = images[image_id]
+        if image_ext is None:
+            image_file = os.path.join(image_root, img["file_name"])
+        else:
+            image_file = os.path.join(image_root, os.path.splitext(ann["file_name"])[0] + image_ext)
+        pan_file = os.path.join(panoptic_root, ann["file_name"])
+        _require(image_file, f"image of image_id {image_id}", prepare_hint)
+        _require(pan_file, f"panoptic PNG of image_id {image_id}", prepare_hint)
+        if not ann["segments_info"]:
+            raise DatasetFormatError(
+                f"{where}: the image has no segments. Every image needs at least one labelled segment; "
+                "remove the image from the JSON or annotate it."
+            )
+        segments, seen = [], set()
+        for seg in ann["segments_info"]:
+            sid, cat = int(seg["id"]), seg["category_id"]
+            if sid <= 0 or sid >= 256 ** 3:
+                raise DatasetFormatError(f"{where}: segment id {sid} is outside 1..2^24-1")
+            if sid in seen:
+                raise DatasetFormatError(f"{where}: segment id {sid} appears twice")
+            seen.add(sid)
+            if cat in thing_map:
+                contiguous, isthing = thing_map[cat], True
+            elif cat in stuff_map:
+                contiguous, isthing = stuff_map[cat], False
+            else:
+                raise DatasetFormatError(
+                    f"{where}: segment {sid} has category_id {cat}, which is not among the dataset's "
+                    f"categories {sorted(stuff_map)}. Fix the annotation or add the category."
+                )
+            segments.append({
+                "id": sid,
+                "category_id": contiguous,
+                "isthing": isthing,
+                "iscrowd": int(seg.get("iscrowd", 0)),
+                "area": seg.get("area"),
+                "bbox": seg.get("bbox"),
+            })
+        record = {
+            "file_name": image_file,
+            "image_id": image_id,
+            "height": img.get("height"),
+            "width": img.get("width"),
+            "pan_seg_file_name": pan_file,
+            "segments_info": segments,
+        }
+        if sem_seg_root is not None:
+            sem_file = os.path.join(sem_seg_root, ann["file_name"])
+            _require(sem_file, f"semantic PNG of image_id {image_id}", prepare_hint)
+            record["sem_seg_file_name"] = sem_file
+        ret.append(record)
+    if not ret:
+        raise DatasetFormatError(f"{json_file} has no annotations")
+    return ret
+
+
+def register_panoptic_dataset(
+    name: str,
+    categories: List[dict],
+    image_root: str,
+    panoptic_root: str,
+    panoptic_json: str,
+    sem_seg_root: Optional[str] = None,
+    label_divisor: int = 1000,
+    ignore_label: int = 255,
+    image_ext: Optional[str] = None,
+    prepare_hint: Optional[str] = None,
+    before_load: Optional[Callable[[], None]] = None,
+    **extra_metadata,
+) -> None:
+    """Register a COCO-panoptic-format dataset as ``name`` (data is read lazily, on first use).
+
+    Args:
+        categories: the JSON's ``categories`` (``id``, ``name``, ``isthing``, optional ``color``);
+            contiguous ids follow their order.
+        label_divisor: ``category * label_divisor + instance`` encoding used by semantic+instance outputs.
+        prepare_hint: shown when a file is missing, e.g. the command that builds the dataset.
+        before_load: called each time before the data is read (the synthetic set generates itself here).
+        extra_metadata: anything else to store in the metadata.
+
+    Example (a custom dataset)::
+
+        register_panoptic_dataset("my_train", categories, "data/images", "data/panoptic",
+                                  "data/panoptic.json", sem_seg_root="data/semseg")
+    """
+    meta = panoptic_metadata_from_categories(categories)
+
+    def load():
+        if before_load is not None:
+            before_load()
+        return load_panoptic_json(
+            panoptic_json, image_root, panoptic_root, meta, sem_seg_root, image_ext, prepare_hint
+        )
+
+    DatasetCatalog.register(name, load)
+    MetadataCatalog.get(name).set(
+        image_root=image_root,
+        panoptic_root=panoptic_root,
+        panoptic_json=panoptic_json,
+        sem_seg_root=sem_seg_root,
+        evaluator_type="coco_panoptic_seg",
+        ignore_label=ignore_label,
+        label_divisor=label_divisor,
+        **meta,
+        **extra_metadata,
+    )

@@ -1,0 +1,21 @@
+"""Training dataset mappers, chosen by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
+from .panoptic_deeplab import PanopticDeepLabMapper
+from .panoptic_io import read_image_checked, read_panoptic_checked
+
+__all__ = ["MAPPERS", "build_train_mapper", "PanopticDeepLabMapper", "read_image_checked",
+           "read_panoptic_checked"]
+
+# INPUT.DATASET_MAPPER_NAME -> mapper class (each has a configurable __init__ taking cfg).
+MAPPERS = {
+    "panoptic_deeplab": PanopticDeepLabMapper,
+}
+
+
+def build_train_mapper(cfg):
+    """The training mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
+    name = cfg.INPUT.DATASET_MAPPER_NAME
+    if name not in MAPPERS:
+        raise ValueError(
+            f"INPUT.DATASET_MAPPER_NAME={name!r} is unknown; available: {sorted(MAPPERS)}"
+        )
+    return MAPPERS[name](cfg)

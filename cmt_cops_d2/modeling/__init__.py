@@ -1,0 +1,6 @@
+"""Models. Importing this package registers the meta-architectures, backbones and heads.
+
+Detectron2's Panoptic-DeepLab (``PanopticDeepLab``, ``build_resnet_deeplab_backbone``) is registered
+here too: it is the reference baseline trained through the same loop.
+"""
+import detectron2.projects.panoptic_deeplab  # noqa: F401  (registers PanopticDeepLab and its heads)
