@@ -78,7 +78,10 @@ def setup_cfg(args) -> CfgNode:
     add_cmt_cops_d2_config(cfg)
     if args.config_file:
         cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_list(args.opts)
+    except AssertionError as e:  # yacs reports unknown keys and odd KEY VALUE lists this way
+        raise KeyError(f"bad command-line config override {args.opts}: {e}") from None
     cfg.freeze()
     check_cfg(cfg)
     return cfg

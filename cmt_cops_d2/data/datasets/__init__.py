@@ -6,3 +6,5 @@ from .panoptic import (  # noqa: F401
     register_panoptic_dataset,
 )
 from . import register_synthetic  # noqa: F401
+from . import register_coco_panoptic  # noqa: F401
+from . import register_cityscapes_panoptic  # noqa: F401

@@ -96,7 +96,8 @@ def load_panoptic_json(
         prepare_hint: appended to "not found" errors: the command that creates the dataset.
 
     Returns:
-        one dict per image: ``file_name``, ``image_id``, ``height``, ``width``, ``pan_seg_file_name``,
+        one dict per image: ``file_name``, ``image_id``, ``height`` and ``width`` (when the ``images``
+        entry has them), ``pan_seg_file_name``,
         ``segments_info`` (``id``, contiguous ``category_id``, ``isthing``, ``iscrowd``, ``area``,
         ``bbox``) and, with ``sem_seg_root``, ``sem_seg_file_name``.
     """
@@ -116,13 +117,23 @@ def load_panoptic_json(
 
     thing_map = meta["thing_dataset_id_to_contiguous_id"]
     stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
-    images = {int(img["id"]): img for img in data["images"]}
+    # Image ids are kept as the JSON has them (COCO: int, Cityscapes: str): panopticapi matches
+    # predictions to ground truth by equality of image_id.
+    images = {}
+    for img in data["images"]:
+        if img["id"] in images:
+            raise DatasetFormatError(f"{json_file}: image id {img['id']!r} appears twice in 'images'")
+        images[img["id"]] = img
+    annotated = set()
     ret = []
     for ann in data["annotations"]:
-        image_id = int(ann["image_id"])
-        where = f"{json_file}, annotation of image_id {image_id} ({ann.get('file_name')})"
+        image_id = ann["image_id"]
+        where = f"{json_file}, annotation of image_id {image_id!r} ({ann.get('file_name')})"
         if image_id not in images:
             raise DatasetFormatError(f"{where}: image_id is not listed in 'images'")
+        if image_id in annotated:
+            raise DatasetFormatError(f"{where}: the image has a second annotation; merge them")
+        annotated.add(image_id)
         img = images[image_id]
         if image_ext is None:
             image_file = os.path.join(image_root, img["file_name"])
@@ -164,11 +175,12 @@ def load_panoptic_json(
         record = {
             "file_name": image_file,
             "image_id": image_id,
-            "height": img.get("height"),
-            "width": img.get("width"),
             "pan_seg_file_name": pan_file,
             "segments_info": segments,
         }
+        # Only when known: Detectron2 checks a record's height/width against the image, and None fails.
+        if img.get("height") is not None and img.get("width") is not None:
+            record["height"], record["width"] = int(img["height"]), int(img["width"])
         if sem_seg_root is not None:
             sem_file = os.path.join(sem_seg_root, ann["file_name"])
             _require(sem_file, f"semantic PNG of image_id {image_id}", prepare_hint)

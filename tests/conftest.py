@@ -1,0 +1,22 @@
+"""Shared fixtures: a small synthetic dataset registered under test-only names."""
+import os
+
+import pytest
+
+import cmt_cops_d2  # noqa: F401  (registers datasets and models)
+from cmt_cops_d2.data.datasets.register_synthetic import register_all_synthetic_panoptic
+from cmt_cops_d2.data.synthetic import SyntheticConfig
+
+TINY = SyntheticConfig(num_train=16, num_val=6, height=64, width=80, seed=3)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory):
+    """Registers ``tiny_synthetic_{train,val}`` (generated on first load) and returns its root."""
+    root = str(tmp_path_factory.mktemp("datasets"))
+    register_all_synthetic_panoptic(root, prefix="tiny_synthetic", cfg=TINY)
+    from detectron2.data import DatasetCatalog
+
+    DatasetCatalog.get("tiny_synthetic_train")  # generate now, once
+    return root
