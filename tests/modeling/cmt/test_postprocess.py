@@ -1,0 +1,82 @@
+"""Mask-wise and per-pixel merging on hand-made cluster predictions."""
+import pytest
+import torch
+
+from cmt_cops_d2.modeling.cmt.postprocess import panoptic_inference, semantic_inference
+
+K = 3          # classes 0, 1 things; 2 stuff; index 3 = void
+BIG = 20.0
+
+
+def _cls(*rows):
+    """rows of (class, prob): logits whose softmax gives prob on that class, rest spread evenly."""
+    out = torch.zeros(len(rows), K + 1)
+    for i, (c, p) in enumerate(rows):
+        out[i] = torch.log(torch.full((K + 1,), (1 - p) / K))
+        out[i, c] = torch.log(torch.tensor(p))
+    return out
+
+
+def _masks(*regions, h=4, w=6):
+    m = torch.full((len(regions), h, w), -BIG)
+    for i, r in enumerate(regions):
+        if r is not None:
+            m[i][r] = BIG
+    return m
+
+
+@pytest.mark.parametrize("merge", ["mask", "pixel"])
+def test_things_stuff_and_void(merge):
+    left = (slice(None), slice(0, 3))
+    right_top = (slice(0, 2), slice(3, 6))
+    right_bottom = (slice(2, 4), slice(3, 6))
+    cls = _cls((0, 0.9), (2, 0.8), (2, 0.9), (1, 0.3))
+    masks = _masks(left, right_top, right_bottom, None)
+    pan, segs = panoptic_inference(cls, masks, thing_ids=[0, 1], merge=merge)
+    by_id = {s["id"]: s for s in segs}
+    assert len(segs) == 2                                    # two stuff clusters of class 2 merged
+    thing = by_id[int(pan[0, 0])]
+    stuff = by_id[int(pan[0, 5])]
+    assert (thing["category_id"], thing["isthing"]) == (0, True)
+    assert (stuff["category_id"], stuff["isthing"]) == (2, False)
+    assert (pan[:, :3] == thing["id"]).all() and (pan[:, 3:] == stuff["id"]).all()
+
+
+@pytest.mark.parametrize("merge", ["mask", "pixel"])
+def test_low_confidence_clusters_leave_void(merge):
+    cls = _cls((0, 0.6), (2, 0.45))                           # below 0.7 (thing) and 0.5 (stuff)
+    masks = _masks((slice(None), slice(0, 3)), (slice(None), slice(3, 6)))
+    pan, segs = panoptic_inference(cls, masks, thing_ids=[0, 1], merge=merge)
+    assert segs == [] and (pan == 0).all()
+
+
+def test_mask_wise_drops_a_cluster_whose_mask_is_mostly_taken():
+    """Cluster 1 overlaps cluster 0 (both above 0.4 there); the better-ranked one keeps the overlap."""
+    h, w = 4, 6
+    logits = torch.full((3, h, w), -BIG)
+    logits[0, :, :4] = 0.0
+    logits[1, :, :4] = 0.0          # 0 and 1 tie at 0.5 on columns 0..3
+    logits[1, :, 4] = 0.0           # 1 also shares column 4 with 2 (0.5 / 0.5)
+    logits[2, :, 4:] = 0.0
+    cls = _cls((0, 0.95), (1, 0.9), (2, 0.9))
+    pan, segs = panoptic_inference(cls, logits, thing_ids=[0, 1], merge="mask")
+    cats = sorted(s["category_id"] for s in segs)
+    assert cats == [0, 2]           # cluster 1 had 0 % of its mask free after cluster 0: dropped
+    # lowering the overlap threshold does not rescue it: nothing of it is free
+    pan, segs = panoptic_inference(cls, logits, thing_ids=[0, 1], merge="mask", overlap_threshold=0.0)
+    assert sorted(s["category_id"] for s in segs) == [0, 2]
+
+
+def test_semantic_inference_is_class_prob_weighted_masks():
+    torch.manual_seed(0)
+    cls, masks = torch.randn(5, K + 1), torch.randn(5, 3, 4)
+    sem = semantic_inference(cls, masks)
+    expected = torch.zeros(K, 3, 4)
+    for n in range(5):
+        expected += cls[n].softmax(-1)[:K, None, None] * masks.softmax(0)[n]
+    assert torch.allclose(sem, expected, atol=1e-6)
+
+
+def test_unknown_merge():
+    with pytest.raises(ValueError, match="MERGE='argmax'"):
+        panoptic_inference(torch.zeros(1, 2), torch.zeros(1, 2, 2), [0], merge="argmax")
