@@ -39,3 +39,61 @@ def add_cmt_cops_d2_config(cfg: CN) -> CN:
     cfg.TEST.SEMANTIC_EVALUATION = False
 
     return cfg
+
+
+def add_axial_resnet_config(cfg: CN) -> CN:
+    """Add ``MODEL.AXIAL_RESNET``: the Axial-ResNet backbone (idempotent; returns ``cfg``).
+
+    Use with ``MODEL.BACKBONE.NAME = "build_axial_resnet_backbone"``. Defaults: Axial-ResNet-50 as
+    used by CMT-DeepLab (MaX-S without transformer blocks, GeLU; paper Sec. 3.4 and 4).
+    """
+    if "AXIAL_RESNET" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.AXIAL_RESNET = CN()
+    c = cfg.MODEL.AXIAL_RESNET
+    # Blocks in res2..res5: [3, 4, 6, 3] = Axial-ResNet-50; [3, 4, 24, 3] = Axial-ResNet-104.
+    c.DEPTHS = [3, 4, 6, 3]
+    # Inception stem: three 3x3 convs to (W, W, 2W) channels, the first with stride 2; no max-pool.
+    c.STEM_WIDTH = 64
+    # Bottleneck width f of res2, doubled per stage; block outputs are 4f (256..2048 at 64).
+    # Smaller values give a same-code tiny model (e.g. 8 with STEM_WIDTH 8 for CPU tests).
+    c.BASE_WIDTH = 64
+    # Stages made of axial blocks. The first block of the first axial stage stays a strided
+    # bottleneck (DeepLab2 MaX-S: axial attention only on inputs at stride >= 16).
+    c.AXIAL_STAGES = ["res4", "res5"]
+    # Axial block: first 1x1 conv to EXPANSION * f channels (MaX-S: 2).
+    c.ATTENTION_BOTTLENECK_EXPANSION = 2.0
+    # Attention query/key channels = KEY_EXPANSION * f, value (= output) channels =
+    # VALUE_EXPANSION * f, per axis layer (MaX-S: 1 and 2).
+    c.KEY_EXPANSION = 1.0
+    c.VALUE_EXPANSION = 2.0
+    # Attention heads (MaX-S: 8).
+    c.NUM_HEADS = 8
+    # Relative-position table covers distances up to MAX_SPAN - 1 (2 * MAX_SPAN - 1 rows); larger
+    # distances share the end rows. 255 (DeepLab2) keeps attention fully position-resolved at
+    # 1281x1281 (81 positions at stride 16, 41 at stride 32). Any input size works.
+    c.MAX_SPAN = 255
+    # Std of the truncated-normal init of the relative embeddings (DeepLab2: 1.0).
+    c.RPE_INIT_STD = 1.0
+    # Drop-path (stochastic depth) rate of the last block (paper: 0.2).
+    c.DROP_PATH_RATE = 0.2
+    # "linear": rate grows linearly over all blocks from 0 (first) to DROP_PATH_RATE (last);
+    # "constant": every block uses DROP_PATH_RATE.
+    c.DROP_PATH_SCHEDULE = "linear"
+    # Norm of every conv and attention layer: "SyncBN" (paper: batch norm synchronised over all
+    # replicas), "BN" (single process or CPU multi-process), "GN", "FrozenBN", "".
+    c.NORM = "SyncBN"
+    # "gelu" (CMT-DeepLab) or "relu" (original MaX-S / Axial-DeepLab).
+    c.ACTIVATION = "gelu"
+    # 1: res5 at stride 32; 2: res5 at stride 16 (MaX-S output stride 16), dilating its convs.
+    c.RES5_DILATION = 1
+    # Features returned (any of stem, res2..res5); strides 4, 8, 16, 32.
+    c.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Zero-init the last norm's gamma in each residual branch (blocks start as act(shortcut)).
+    c.ZERO_INIT_RESIDUAL = True
+    # 0: train everything; 1: freeze the stem; k >= 2: also freeze res2..res<k> (as RESNETS).
+    c.FREEZE_AT = 0
+    return cfg
+
+
+__all__.append("add_axial_resnet_config")

@@ -4,3 +4,4 @@ Detectron2's Panoptic-DeepLab (``PanopticDeepLab``, ``build_resnet_deeplab_backb
 here too: it is the reference baseline trained through the same loop.
 """
 import detectron2.projects.panoptic_deeplab  # noqa: F401  (registers PanopticDeepLab and its heads)
+from . import backbone  # noqa: F401  (registers build_axial_resnet_backbone)
