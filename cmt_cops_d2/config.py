@@ -8,7 +8,7 @@ functions (``add_cmt_config``, ``add_cops_config``) build on it.
 from detectron2.config import CfgNode as CN
 from detectron2.projects.panoptic_deeplab import add_panoptic_deeplab_config
 
-__all__ = ["add_cmt_cops_d2_config"]
+__all__ = ["add_cmt_cops_d2_config", "add_axial_resnet_config", "add_cmt_config"]
 
 
 def add_cmt_cops_d2_config(cfg: CN) -> CN:
@@ -34,6 +34,8 @@ def add_cmt_cops_d2_config(cfg: CN) -> CN:
     # DistributedDataParallel(find_unused_parameters=...). Keep False: a model whose parameters all
     # receive gradients trains faster, and the multi-process test then catches unused ones.
     cfg.MODEL.FIND_UNUSED_PARAMETERS = False
+
+    add_cmt_config(cfg)
 
     # Also run SemSegEvaluator (mIoU) on panoptic datasets that have semantic PNGs.
     cfg.TEST.SEMANTIC_EVALUATION = False
@@ -96,4 +98,73 @@ def add_axial_resnet_config(cfg: CN) -> CN:
     return cfg
 
 
-__all__.append("add_axial_resnet_config")
+
+def add_cmt_config(cfg: CN) -> CN:
+    """Add ``MODEL.CMT`` (CMT-DeepLab) and the mask-transformer input keys (idempotent).
+
+    Defaults are the paper's (Sec. 3.4 and 4, "Implementation Details"); choices where the paper is
+    silent are marked "(choice)". Also adds the Axial-ResNet keys.
+    """
+    add_axial_resnet_config(cfg)
+    if "CMT" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.CMT = CN()
+    c = cfg.MODEL.CMT
+    # N cluster centers (object queries) and their width.
+    c.NUM_CLUSTERS = 128
+    c.CENTER_DIM = 256
+    # Heads of the axial, cross- and center self-attention.
+    c.NUM_HEADS = 8
+    # Depth of the CMT layer's queries / keys (assignment and cross-attention) (choice: MaX's 128).
+    c.KEY_DIM = 128
+    # M reference points per cluster center (eq. 9-10; paper: 8).
+    c.NUM_POINTS = 8
+    # Center FFN width (MaX-DeepLab: 2048).
+    c.FFN_DIM = 2048
+    # Dual-path axial-transformer blocks at stage 5 (stride 32) and stage 4 (stride 16): 3 + 3.
+    c.STAGE_BLOCKS = [3, 3]
+    # Pixel decoder width at stride 8 and 4 (choice).
+    c.DECODER_CHANNELS = [512, 256]
+    # Depth of the final (stride-4) assignment keys / queries and of the pixel features used by the
+    # instance discrimination loss (MaX-DeepLab: 128).
+    c.MASK_DIM = 128
+    # Drop-path rate of the last dual-path block (linear from 0; paper: 0.2).
+    c.DROP_PATH_RATE = 0.2
+    # Norm and activation of the decoder ("SyncBN" on GPUs; "BN" for CPU or single process).
+    c.NORM = "SyncBN"
+    c.ACTIVATION = "gelu"
+    # --- CMT layer components (Tab. 2): all False gives the MaX-DeepLab-style baseline ---------
+    c.USE_CLUSTER_UPDATE = True        # Z^T Vp term of the center update (eq. 7)
+    c.USE_ASSIGNMENT_RESIDUAL = True   # residual path S between assignments (eq. 6)
+    c.USE_PIXEL_UPDATE = True          # F + Z Vc (eq. 8); else MaX's pixel-to-center attention
+    c.USE_REFERENCE_MASK = True        # reference masks (eq. 9-10) and the mask approximation loss
+    c.USE_COORD_CONV = True            # coord-conv on centers and pixels (eq. 11-12)
+    # --- losses ---------------------------------------------------------------------------------
+    c.PQ_WEIGHT = 3.0                  # PQ-style loss (MaX-DeepLab)
+    c.PQ_ALPHA = 0.75                  # weight of matched clusters in the PQ-style loss
+    c.PQ_BETA = 0.25                   # weight of unmatched clusters (void class)
+    c.MASK_ID_WEIGHT = 0.3             # mask-ID cross-entropy
+    c.INSDIS_WEIGHT = 1.0              # instance discrimination
+    c.INSDIS_TYPE = "pixel"            # "pixel" (eq. 14, CMT-DeepLab) or "instance" (MaX-DeepLab)
+    c.INSDIS_TEMPERATURE = 0.3         # tau of eq. 14 (choice: MaX-DeepLab's 0.3)
+    c.INSDIS_NUM_PIXELS = 4096         # |A| sampled pixels, size-balanced (paper: 4096)
+    c.SEMANTIC_WEIGHT = 1.0            # auxiliary semantic segmentation loss
+    c.MASK_APPROX_WEIGHT = 1.0         # mask approximation loss (eq. 13; paper: 1.0)
+    c.DEEP_SUPERVISION = True          # losses on every CMT layer's clustering result
+    c.SHARE_FINAL_MATCHING = True      # aux outputs reuse the final output's matching (choice)
+    # Inputs are padded to a multiple of this (the backbone's stride).
+    c.SIZE_DIVISIBILITY = 32
+    # --- inference --------------------------------------------------------------------------------
+    c.TEST = CN()
+    c.TEST.MERGE = "mask"              # "mask" (mask-wise merging, paper default) or "pixel"
+    c.TEST.THING_THRESHOLD = 0.7       # class confidence to keep a thing cluster
+    c.TEST.STUFF_THRESHOLD = 0.5       # ... a stuff cluster
+    c.TEST.PIXEL_THRESHOLD = 0.4       # mask probability for a pixel to belong to a cluster
+    c.TEST.OVERLAP_THRESHOLD = 0.8     # mask-wise merge: fraction of a mask that must be free
+
+    # Mask-transformer training crops (MaskTransformerPanopticMapper): the crop size (paper: 641 or
+    # 1281) and the random scale of it (choice: MaX-DeepLab's [0.5, 1.5]).
+    cfg.INPUT.IMAGE_SIZE = [641, 641]
+    cfg.INPUT.MIN_SCALE = 0.5
+    cfg.INPUT.MAX_SCALE = 1.5
+    return cfg

@@ -1,13 +1,15 @@
 """Training dataset mappers, chosen by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
+from .mask_transformer import MaskTransformerPanopticMapper
 from .panoptic_deeplab import PanopticDeepLabMapper
 from .panoptic_io import read_image_checked, read_panoptic_checked
 
-__all__ = ["MAPPERS", "build_train_mapper", "PanopticDeepLabMapper", "read_image_checked",
+__all__ = ["MAPPERS", "build_train_mapper", "PanopticDeepLabMapper", "MaskTransformerPanopticMapper", "read_image_checked",
            "read_panoptic_checked"]
 
 # INPUT.DATASET_MAPPER_NAME -> mapper class (each has a configurable __init__ taking cfg).
 MAPPERS = {
     "panoptic_deeplab": PanopticDeepLabMapper,
+    "mask_transformer_panoptic": MaskTransformerPanopticMapper,
 }
 
 

@@ -27,8 +27,10 @@ Choices where the paper is silent (all documented in ``add_cmt_config``):
 * ``Z^T Vp`` is a sum over all pixels (k-means' update before the division by the cluster size), whose
   scale grows with HW; the combined center update is therefore normalised (BatchNorm1d over channels)
   before the output projection, as kMaX-DeepLab does for its k-means update;
-* the output projections of both updates end with a norm whose scale is initialised to zero, so that a
-  freshly initialised layer is the identity on ``C`` and ``F`` (as the backbone's residual blocks);
+* both updates end with a norm whose scale is initialised to zero, so that a freshly initialised layer
+  is the identity on ``C`` and ``F`` (as the backbone's residual blocks); the center update has an output
+  projection, the pixel update none (the enclosing dual-path block's last 1x1 conv follows, as in
+  MaX-DeepLab);
 * the coord-conv is a 1x1 convolution (a linear layer on the centers) back to the input width.
 
 Memory and time are linear in HW x N: no HW x HW tensor is formed.
@@ -74,12 +76,15 @@ class CMTLayer(nn.Module):
             their own attention over the centers (MaX-DeepLab).
         use_reference_mask: predict reference masks e_hat = e + MLP(C), r = sigmoid(e_hat) (eq. 9-10).
         use_coord_conv: coord-conv on centers (with r^c) and pixels (with r^p) (eq. 11-12).
+        first_layer: this layer projects the initial embedding e from the centers (eq. 9); later
+            layers receive the previous layer's e_hat (the skip connection across layers).
     """
 
     def __init__(self, pixel_dim: int, center_dim: int, key_dim: int = 128, num_heads: int = 8,
                  num_points: int = 8, use_cluster_update: bool = True,
                  use_assignment_residual: bool = True, use_pixel_update: bool = True,
-                 use_reference_mask: bool = True, use_coord_conv: bool = True):
+                 use_reference_mask: bool = True, use_coord_conv: bool = True,
+                 first_layer: bool = False):
         super().__init__()
         if key_dim % num_heads or pixel_dim % num_heads or center_dim % num_heads:
             raise ValueError(f"key_dim {key_dim}, pixel_dim {pixel_dim} and center_dim {center_dim} "
@@ -95,8 +100,10 @@ class CMTLayer(nn.Module):
         self.use_reference_mask = use_reference_mask
         self.use_coord_conv = use_coord_conv
 
+        self.first_layer = first_layer
         if use_reference_mask:
-            self.ref_embed = nn.Linear(center_dim, 2 * num_points)  # e, first layer only
+            if first_layer:
+                self.ref_embed = nn.Linear(center_dim, 2 * num_points)  # e from the initial centers
             self.ref_mlp = nn.Sequential(nn.Linear(center_dim, center_dim), nn.GELU(),
                                          nn.Linear(center_dim, 2 * num_points))
         if use_coord_conv:
@@ -118,7 +125,8 @@ class CMTLayer(nn.Module):
         if not use_pixel_update:
             self.pixel_query = nn.Conv2d(pixel_dim, key_dim, 1)
             self.center_key = nn.Linear(center_dim, key_dim)
-        self.pixel_out = nn.Conv2d(pixel_dim, pixel_dim, 1)
+        # No output projection on the pixel path: as in MaX-DeepLab's dual-path block, the enclosing
+        # block's last 1x1 conv follows directly.
         self.pixel_out_norm = nn.BatchNorm2d(pixel_dim)
         nn.init.zeros_(self.center_out_norm.weight)
         nn.init.zeros_(self.pixel_out_norm.weight)
@@ -128,6 +136,8 @@ class CMTLayer(nn.Module):
         """Eq. (9-10): e_hat = e + MLP(C), r^c = sigmoid(e_hat). Returns (e_hat, r^c), each B x N x 2M
         laid out as [h_1..h_M, w_1..w_M]."""
         if e is None:
+            if not self.first_layer:
+                raise ValueError("a CMT layer after the first needs the previous layer's e_hat")
             e = self.ref_embed(C)
         e_hat = e + self.ref_mlp(C)
         return e_hat, torch.sigmoid(e_hat)
@@ -178,7 +188,7 @@ class CMTLayer(nn.Module):
             attn = attn.softmax(dim=2).to(v.dtype)                        # softmax over N
             update = torch.einsum("bhnxy,bnhd->bhdxy", attn, v.view(B, -1, h, dv))
             update = update.reshape(B, self.pixel_dim, H, W)
-        return F + self.pixel_out_norm(self.pixel_out(update))
+        return F + self.pixel_out_norm(update)
 
     def forward(self, F: torch.Tensor, C: torch.Tensor, S: Optional[torch.Tensor] = None,
                 e: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

@@ -11,9 +11,10 @@ SWITCHES = ("use_cluster_update", "use_assignment_residual", "use_pixel_update",
             "use_reference_mask", "use_coord_conv")
 
 
-def make(seed=0, **switches):
+def make(seed=0, first_layer=False, **switches):
     torch.manual_seed(seed)
-    layer = CMTLayer(DP, DC, key_dim=DK, num_heads=HEADS, num_points=M, **switches)
+    layer = CMTLayer(DP, DC, key_dim=DK, num_heads=HEADS, num_points=M, first_layer=first_layer,
+                     **switches)
     # Give the zero-initialised output norms a non-zero scale so every path shows in the output.
     with torch.no_grad():
         layer.center_out_norm.weight.uniform_(0.5, 1.5)
@@ -49,15 +50,17 @@ def test_pixel_coordinates():
 
 
 def test_reference_masks_eq9_10():
-    layer = make()
+    layer = make(first_layer=True)
     _, C, _, e = inputs()
     mlp = lambda x: layer.ref_mlp[2](torch.nn.functional.gelu(layer.ref_mlp[0](x)))  # noqa: E731
     e_hat, r = layer.reference_masks(C, e)
     assert torch.allclose(e_hat, e + mlp(C), atol=1e-6)
     assert torch.allclose(r, torch.sigmoid(e + mlp(C)), atol=1e-6)
-    # First layer: e is a projection of the centers.
+    # First layer: e is a projection of the centers; later layers must be given e.
     e_hat0, _ = layer.reference_masks(C, None)
     assert torch.allclose(e_hat0, layer.ref_embed(C) + mlp(C), atol=1e-6)
+    with pytest.raises(ValueError, match="previous layer's e_hat"):
+        make().reference_masks(C, None)
 
 
 def test_coord_conv_eq11_12():
@@ -126,7 +129,6 @@ def test_pixel_update_eq8():
     Z = torch.softmax(S, dim=1)
     Vc = C @ layer.center_value.weight.T + layer.center_value.bias        # B x N x Dp
     upd = Z.flatten(2).transpose(1, 2) @ Vc                              # B x HW x Dp
-    upd = upd @ layer.pixel_out.weight[:, :, 0, 0].T + layer.pixel_out.bias
     expected = F.flatten(2).transpose(1, 2) + bn_eval(layer.pixel_out_norm, upd)
     assert torch.allclose(layer.pixel_update(F, C, Z).flatten(2).transpose(1, 2), expected, atol=1e-5)
 
@@ -141,7 +143,7 @@ def test_baseline_pixel_attention_is_softmax_over_centers():
     dk, dv = DK // HEADS, DP // HEADS
     heads = [torch.softmax(Qp[..., h * dk:(h + 1) * dk] @ Kc[..., h * dk:(h + 1) * dk].transpose(1, 2)
                            / math.sqrt(dk), dim=-1) @ Vc[..., h * dv:(h + 1) * dv] for h in range(HEADS)]
-    upd = torch.cat(heads, -1) @ layer.pixel_out.weight[:, :, 0, 0].T + layer.pixel_out.bias
+    upd = torch.cat(heads, -1)
     expected = F.flatten(2).transpose(1, 2) + bn_eval(layer.pixel_out_norm, upd)
     got = layer.pixel_update(F, C, Z).flatten(2).transpose(1, 2)
     assert torch.allclose(got, expected, atol=1e-5)
@@ -213,8 +215,7 @@ def test_every_parameter_gets_a_gradient():
         + out["ref_points"].mean()
     loss.backward()
     missing = [n for n, p in layer.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    # ref_embed is used only when no e is passed (first layer).
-    assert missing == ["ref_embed.weight", "ref_embed.bias"]
+    assert missing == []
 
 
 def test_fresh_layer_is_identity_on_centers_and_pixels():

@@ -1,0 +1,131 @@
+"""``CMTDeepLab``: the CMT-DeepLab meta-architecture (Detectron2 ``META_ARCH_REGISTRY``)."""
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import ImageList
+from torch import nn
+
+from .criterion import CMTCriterion
+from .postprocess import panoptic_inference, semantic_inference
+from .transformer_decoder import CMTDecoder
+
+__all__ = ["CMTDeepLab", "downsample_masks"]
+
+OUTPUT_STRIDE = 4
+
+
+def downsample_masks(masks: torch.Tensor, stride: int = OUTPUT_STRIDE) -> torch.Tensor:
+    """G x H x W binary masks (H, W multiples of ``stride``) -> G x H/s x W/s: a cell belongs to a mask
+    when more than half of its pixels do (so the masks stay disjoint; other cells are void)."""
+    if masks.numel() == 0:
+        return masks.new_zeros((masks.shape[0], masks.shape[1] // stride, masks.shape[2] // stride))
+    return F.avg_pool2d(masks[None].float(), stride)[0] > 0.5
+
+
+@META_ARCH_REGISTRY.register()
+class CMTDeepLab(nn.Module):
+    """Backbone (Axial-ResNet) -> CMT decoder -> cluster classes and masks; losses in training,
+    Detectron2 ``panoptic_seg`` and ``sem_seg`` at inference. Accepts any input size: images are padded
+    to ``size_divisibility`` and the outputs cropped back."""
+
+    @configurable
+    def __init__(self, *, backbone: nn.Module, decoder: CMTDecoder, criterion: CMTCriterion,
+                 pixel_mean, pixel_std, size_divisibility: int, thing_ids, merge: str,
+                 thresholds: Dict[str, float]):
+        super().__init__()
+        self.backbone, self.decoder, self.criterion = backbone, decoder, criterion
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0))
+        self.thing_ids = list(thing_ids)
+        self.merge, self.thresholds = merge, dict(thresholds)
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        c = cfg.MODEL.CMT
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        shapes = backbone.output_shape()
+        missing = {"res2", "res3", "res4", "res5"} - set(shapes)
+        if missing:
+            raise ValueError(f"CMTDeepLab needs backbone features res2..res5; {sorted(missing)} are "
+                             "missing (MODEL.AXIAL_RESNET.OUT_FEATURES)")
+        switches = dict(use_cluster_update=c.USE_CLUSTER_UPDATE,
+                        use_assignment_residual=c.USE_ASSIGNMENT_RESIDUAL,
+                        use_pixel_update=c.USE_PIXEL_UPDATE, use_reference_mask=c.USE_REFERENCE_MASK,
+                        use_coord_conv=c.USE_COORD_CONV)
+        decoder = CMTDecoder(
+            {k: v.channels for k, v in shapes.items()}, num_classes=num_classes,
+            num_clusters=c.NUM_CLUSTERS, center_dim=c.CENTER_DIM, num_heads=c.NUM_HEADS,
+            cmt_key_dim=c.KEY_DIM, num_points=c.NUM_POINTS, ffn_dim=c.FFN_DIM,
+            stage_blocks=tuple(c.STAGE_BLOCKS), decoder_channels=tuple(c.DECODER_CHANNELS),
+            mask_dim=c.MASK_DIM, norm=c.NORM, activation=c.ACTIVATION, drop_path=c.DROP_PATH_RATE,
+            max_span=cfg.MODEL.AXIAL_RESNET.MAX_SPAN, switches=switches)
+        criterion = CMTCriterion(
+            num_classes, pq_weight=c.PQ_WEIGHT, pq_alpha=c.PQ_ALPHA, pq_beta=c.PQ_BETA,
+            mask_id_weight=c.MASK_ID_WEIGHT, insdis_weight=c.INSDIS_WEIGHT, insdis_type=c.INSDIS_TYPE,
+            insdis_temperature=c.INSDIS_TEMPERATURE, insdis_num_pixels=c.INSDIS_NUM_PIXELS,
+            semantic_weight=c.SEMANTIC_WEIGHT,
+            mask_approx_weight=c.MASK_APPROX_WEIGHT if c.USE_REFERENCE_MASK else 0.0,
+            deep_supervision=c.DEEP_SUPERVISION, share_final_matching=c.SHARE_FINAL_MATCHING)
+        thing_ids = []
+        if cfg.DATASETS.TRAIN or cfg.DATASETS.TEST:
+            meta = MetadataCatalog.get((cfg.DATASETS.TRAIN or cfg.DATASETS.TEST)[0])
+            thing_ids = list(getattr(meta, "thing_dataset_id_to_contiguous_id", {}).values())
+        t = c.TEST
+        return {
+            "backbone": backbone, "decoder": decoder, "criterion": criterion,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": c.SIZE_DIVISIBILITY, "thing_ids": thing_ids, "merge": t.MERGE,
+            "thresholds": {"thing_threshold": t.THING_THRESHOLD, "stuff_threshold": t.STUFF_THRESHOLD,
+                           "pixel_threshold": t.PIXEL_THRESHOLD,
+                           "overlap_threshold": t.OVERLAP_THRESHOLD},
+        }
+
+    @property
+    def device(self):
+        return self.pixel_mean.device
+
+    def prepare_targets(self, batched_inputs: List[dict], padded_size) -> List[Dict]:
+        """Ground-truth masks padded to the batch size and sampled at the output stride."""
+        targets = []
+        H, W = padded_size
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            masks = inst.gt_masks
+            masks = masks.tensor if hasattr(masks, "tensor") else masks
+            padded = masks.new_zeros((masks.shape[0], H, W), dtype=torch.bool)
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks.bool()
+            targets.append({"labels": inst.gt_classes, "masks": downsample_masks(padded)})
+        return targets
+
+    def forward(self, batched_inputs: List[dict]):
+        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        outputs = self.decoder(self.backbone(images.tensor))
+        if self.training:
+            if "instances" not in batched_inputs[0]:
+                raise ValueError("CMTDeepLab training needs 'instances' (gt_classes, gt_masks) in each "
+                                 "input; use INPUT.DATASET_MAPPER_NAME mask_transformer_panoptic")
+            return self.criterion(outputs, self.prepare_targets(batched_inputs, images.tensor.shape[-2:]))
+        return self.inference(outputs, batched_inputs, images)
+
+    @torch.no_grad()
+    def inference(self, outputs: Dict, batched_inputs: List[dict], images: ImageList) -> List[Dict]:
+        results = []
+        padded = images.tensor.shape[-2:]
+        for i, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
+            masks = F.interpolate(outputs["pred_masks"][i: i + 1].float(), size=padded, mode="bilinear",
+                                  align_corners=False)[:, :, :h, :w]
+            out_h, out_w = x.get("height", h), x.get("width", w)
+            if (out_h, out_w) != (h, w):
+                masks = F.interpolate(masks, size=(out_h, out_w), mode="bilinear", align_corners=False)
+            masks, cls = masks[0], outputs["pred_logits"][i]
+            pan, segments = panoptic_inference(cls, masks, self.thing_ids, merge=self.merge,
+                                               **self.thresholds)
+            results.append({"panoptic_seg": (pan, segments), "sem_seg": semantic_inference(cls, masks)})
+        return results

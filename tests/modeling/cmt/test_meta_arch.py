@@ -1,0 +1,100 @@
+"""CMTDeepLab end to end on CPU: parameter counts (Table 1), a training step, inference format, sizes."""
+import argparse
+import os
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog
+from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+
+from cmt_cops_d2.data.mappers import build_train_mapper
+from cmt_cops_d2.engine import Trainer, setup_cfg
+
+from ...conftest import CONFIG_DIR
+
+TINY = os.path.join(CONFIG_DIR, "synthetic", "cmt_tiny.yaml")
+SWITCHES = ["USE_CLUSTER_UPDATE", "USE_ASSIGNMENT_RESIDUAL", "USE_PIXEL_UPDATE", "USE_REFERENCE_MASK",
+            "USE_COORD_CONV"]
+
+
+def cfg_of(path, *opts):
+    return setup_cfg(argparse.Namespace(config_file=path, opts=["MODEL.DEVICE", "cpu", *opts]))
+
+
+def tiny_cfg(*opts):
+    return cfg_of(TINY, "DATASETS.TRAIN", "('tiny_synthetic_train',)", "DATASETS.TEST",
+                  "('tiny_synthetic_val',)", "INPUT.IMAGE_SIZE", "[64, 64]", "MODEL.CMT.NUM_CLUSTERS", "16",
+                  *opts)
+
+
+@pytest.mark.parametrize("name,paper_millions", [("cmt_r50", 94.9), ("cmt_r104", 135.2)])
+def test_parameter_count_matches_table1(name, paper_millions):
+    cfg = cfg_of(os.path.join(CONFIG_DIR, "coco", f"{name}.yaml"))
+    with torch.device("meta"):
+        from cmt_cops_d2.modeling.cmt.meta_arch import CMTDeepLab
+
+        model = CMTDeepLab(cfg)
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{name}: {millions:.2f}M parameters (paper {paper_millions}M)")
+    assert abs(millions - paper_millions) / paper_millions < 0.05
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_synthetic):
+    cfg = tiny_cfg()
+    mapper = build_train_mapper(cfg)
+    return [mapper(d) for d in DatasetCatalog.get("tiny_synthetic_train")[:2]]
+
+
+def test_training_step_gives_every_parameter_a_gradient(batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).train()
+    losses = model(batch)
+    assert {"loss_pq", "loss_mask_id", "loss_insdis", "loss_sem_seg", "loss_mask_approx",
+            "loss_pq_0", "loss_mask_approx_3"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    assert no_grad == []
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_each_switch_off_still_trains(batch, switch):
+    opts = ["MODEL.CMT." + switch, "False"]
+    if switch == "USE_REFERENCE_MASK":
+        opts += ["MODEL.CMT.USE_COORD_CONV", "False"]
+    model = build_model(tiny_cfg(*opts)).train()
+    losses = model(batch)
+    sum(losses.values()).backward()
+    assert ("loss_mask_approx" in losses) == (switch != "USE_REFERENCE_MASK")
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_all_switches_off_is_the_maxdeeplab_baseline(batch):
+    opts = [x for s in SWITCHES for x in ("MODEL.CMT." + s, "False")]
+    model = build_model(tiny_cfg(*opts)).train()
+    losses = model(batch)
+    assert "loss_mask_approx" not in losses
+    for block in list(model.decoder.stage5) + list(model.decoder.stage4):
+        layer = block.cmt
+        assert not (layer.use_cluster_update or layer.use_assignment_residual or layer.use_pixel_update
+                    or layer.use_reference_mask or layer.use_coord_conv)
+
+
+def test_inference_any_size_including_smaller_than_the_stride():
+    model = build_model(tiny_cfg()).eval()
+    inputs = [{"image": torch.randint(0, 255, (3, 37, 53), dtype=torch.uint8), "height": 74, "width": 106},
+              {"image": torch.randint(0, 255, (3, 20, 30), dtype=torch.uint8)}]
+    with torch.no_grad():
+        out = model(inputs)
+    assert out[0]["panoptic_seg"][0].shape == (74, 106) and out[0]["sem_seg"].shape == (7, 74, 106)
+    assert out[1]["panoptic_seg"][0].shape == (20, 30)
+
+
+def test_output_is_accepted_by_coco_panoptic_evaluator(tiny_synthetic, tmp_path):
+    cfg = tiny_cfg("MODEL.CMT.TEST.THING_THRESHOLD", "0.0", "MODEL.CMT.TEST.STUFF_THRESHOLD", "0.0")
+    model = build_model(cfg).eval()
+    loader = Trainer.build_test_loader(cfg, "tiny_synthetic_val")
+    res = inference_on_dataset(model, loader, COCOPanopticEvaluator("tiny_synthetic_val", str(tmp_path)))
+    assert 0.0 <= res["panoptic_seg"]["PQ"] <= 100.0
