@@ -1,0 +1,31 @@
+"""Combinatorial solvers of the COPS layer (Numba only; this package never imports torch).
+
+* ``solve_amwc`` / ``solve_amwc_batch``: asymmetric multiway cut (forward pass, COPS eq. 2);
+* ``solve_mwc`` / ``solve_mwc_batch``: multiway cut on the lifted label space (backward, Algorithm 1);
+* grid helpers (``grid_edges`` and the edge-map <-> flat-edge conversions, anchor convention);
+* ``checks``: an independent feasibility checker, energy functions and brute force for tests;
+* ``reference.solve_amwc_gaec_stale``: the LPMP-like stale-gain baseline (benchmarks only).
+"""
+from .amwc import solve_amwc, solve_amwc_batch
+from .graph import (
+    edge_maps_to_flat,
+    flat_to_edge_maps,
+    grid_edge_counts,
+    grid_edge_slots,
+    grid_edge_valid_mask,
+    grid_edges,
+)
+from .mwc import solve_mwc, solve_mwc_batch
+
+__all__ = [
+    "solve_amwc",
+    "solve_amwc_batch",
+    "solve_mwc",
+    "solve_mwc_batch",
+    "grid_edges",
+    "grid_edge_counts",
+    "grid_edge_slots",
+    "grid_edge_valid_mask",
+    "edge_maps_to_flat",
+    "flat_to_edge_maps",
+]
