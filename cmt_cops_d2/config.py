@@ -152,6 +152,8 @@ def add_cmt_config(cfg: CN) -> CN:
     c.MASK_APPROX_WEIGHT = 1.0         # mask approximation loss (eq. 13; paper: 1.0)
     c.DEEP_SUPERVISION = True          # losses on every CMT layer's clustering result
     c.SHARE_FINAL_MATCHING = True      # aux outputs reuse the final output's matching (choice)
+    # Recursive Feature Network: stack the whole model twice, connected at stride 4, outputs averaged.
+    c.RFN = False
     # Inputs are padded to a multiple of this (the backbone's stride).
     c.SIZE_DIVISIBILITY = 32
     # --- inference --------------------------------------------------------------------------------

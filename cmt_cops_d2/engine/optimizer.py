@@ -1,6 +1,7 @@
 """Optimizer construction: SGD / Adam / AdamW with per-parameter learning rate and weight decay.
 
-* backbone parameters (module path starting with ``backbone.``) get ``BASE_LR * BACKBONE_MULTIPLIER``;
+* backbone parameters (a module path component starting with ``backbone``, e.g. ``backbone.res2`` or
+  the second copy ``decoder.backbone2`` of an RFN) get ``BASE_LR * BACKBONE_MULTIPLIER``;
 * parameters of normalization layers get ``WEIGHT_DECAY_NORM``, of ``nn.Embedding`` layers (and
   parameters a module lists in ``no_weight_decay_params``) get ``WEIGHT_DECAY_EMBED``;
 * ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE: full_model`` clips the global gradient norm over all
@@ -42,7 +43,7 @@ def optimizer_param_groups(
                 continue
             memo.add(value)
             lr, wd = base_lr, weight_decay
-            if module_name == "backbone" or module_name.startswith("backbone."):
+            if any(part.startswith("backbone") for part in module_name.split(".")):
                 lr = base_lr * backbone_multiplier
             if isinstance(module, NORM_TYPES):
                 wd = weight_decay_norm

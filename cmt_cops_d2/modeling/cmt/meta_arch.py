@@ -10,6 +10,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from .criterion import CMTCriterion
+from .rfn import RecursiveFeatureNetwork
 from .postprocess import panoptic_inference, semantic_inference
 from .transformer_decoder import CMTDecoder
 
@@ -33,16 +34,34 @@ class CMTDeepLab(nn.Module):
     to ``size_divisibility`` and the outputs cropped back."""
 
     @configurable
-    def __init__(self, *, backbone: nn.Module, decoder: CMTDecoder, criterion: CMTCriterion,
+    def __init__(self, *, backbone: nn.Module, decoder: nn.Module, criterion: CMTCriterion,
                  pixel_mean, pixel_std, size_divisibility: int, thing_ids, merge: str,
                  thresholds: Dict[str, float]):
         super().__init__()
+        # With RFN, ``decoder`` is a RecursiveFeatureNetwork: the first copy's decoder plus the whole
+        # second copy.
         self.backbone, self.decoder, self.criterion = backbone, decoder, criterion
+        self.rfn = isinstance(decoder, RecursiveFeatureNetwork)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0))
         self.thing_ids = list(thing_ids)
         self.merge, self.thresholds = merge, dict(thresholds)
+
+    @classmethod
+    def _build_decoder(cls, cfg, shapes, num_classes) -> CMTDecoder:
+        c = cfg.MODEL.CMT
+        switches = dict(use_cluster_update=c.USE_CLUSTER_UPDATE,
+                        use_assignment_residual=c.USE_ASSIGNMENT_RESIDUAL,
+                        use_pixel_update=c.USE_PIXEL_UPDATE, use_reference_mask=c.USE_REFERENCE_MASK,
+                        use_coord_conv=c.USE_COORD_CONV)
+        return CMTDecoder(
+            {k: v.channels for k, v in shapes.items()}, num_classes=num_classes,
+            num_clusters=c.NUM_CLUSTERS, center_dim=c.CENTER_DIM, num_heads=c.NUM_HEADS,
+            cmt_key_dim=c.KEY_DIM, num_points=c.NUM_POINTS, ffn_dim=c.FFN_DIM,
+            stage_blocks=tuple(c.STAGE_BLOCKS), decoder_channels=tuple(c.DECODER_CHANNELS),
+            mask_dim=c.MASK_DIM, norm=c.NORM, activation=c.ACTIVATION, drop_path=c.DROP_PATH_RATE,
+            max_span=cfg.MODEL.AXIAL_RESNET.MAX_SPAN, switches=switches)
 
     @classmethod
     def from_config(cls, cfg):
@@ -54,17 +73,12 @@ class CMTDeepLab(nn.Module):
         if missing:
             raise ValueError(f"CMTDeepLab needs backbone features res2..res5; {sorted(missing)} are "
                              "missing (MODEL.AXIAL_RESNET.OUT_FEATURES)")
-        switches = dict(use_cluster_update=c.USE_CLUSTER_UPDATE,
-                        use_assignment_residual=c.USE_ASSIGNMENT_RESIDUAL,
-                        use_pixel_update=c.USE_PIXEL_UPDATE, use_reference_mask=c.USE_REFERENCE_MASK,
-                        use_coord_conv=c.USE_COORD_CONV)
-        decoder = CMTDecoder(
-            {k: v.channels for k, v in shapes.items()}, num_classes=num_classes,
-            num_clusters=c.NUM_CLUSTERS, center_dim=c.CENTER_DIM, num_heads=c.NUM_HEADS,
-            cmt_key_dim=c.KEY_DIM, num_points=c.NUM_POINTS, ffn_dim=c.FFN_DIM,
-            stage_blocks=tuple(c.STAGE_BLOCKS), decoder_channels=tuple(c.DECODER_CHANNELS),
-            mask_dim=c.MASK_DIM, norm=c.NORM, activation=c.ACTIVATION, drop_path=c.DROP_PATH_RATE,
-            max_span=cfg.MODEL.AXIAL_RESNET.MAX_SPAN, switches=switches)
+        decoder = cls._build_decoder(cfg, shapes, num_classes)
+        if c.RFN:
+            decoder = RecursiveFeatureNetwork(
+                decoder, build_backbone(cfg), cls._build_decoder(cfg, shapes, num_classes),
+                stride4_channels=c.DECODER_CHANNELS[-1], res2_channels=shapes["res2"].channels,
+                norm=c.NORM)
         criterion = CMTCriterion(
             num_classes, pq_weight=c.PQ_WEIGHT, pq_alpha=c.PQ_ALPHA, pq_beta=c.PQ_BETA,
             mask_id_weight=c.MASK_ID_WEIGHT, insdis_weight=c.INSDIS_WEIGHT, insdis_type=c.INSDIS_TYPE,
@@ -106,7 +120,8 @@ class CMTDeepLab(nn.Module):
     def forward(self, batched_inputs: List[dict]):
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
-        outputs = self.decoder(self.backbone(images.tensor))
+        features = self.backbone(images.tensor)
+        outputs = self.decoder(images.tensor, features) if self.rfn else self.decoder(features)
         if self.training:
             if "instances" not in batched_inputs[0]:
                 raise ValueError("CMTDeepLab training needs 'instances' (gt_classes, gt_masks) in each "

@@ -140,7 +140,8 @@ class CMTDecoder(nn.Module):
         # The final clustering uses the last layer's centers; every CMT layer's own clustering result
         # is an auxiliary output (deep supervision).
         last = layers[-1]
-        out = {"pred_logits": last["pred_logits"], "pred_masks": logits, "aux_outputs": layers}
+        out = {"pred_logits": last["pred_logits"], "pred_masks": logits, "aux_outputs": layers,
+               "stride4_features": x}
         if self.training:  # only the losses read these
             out["pixel_features"] = F.normalize(keys, dim=1)
             out["sem_logits"] = self.semantic_head(x)

@@ -28,7 +28,8 @@ def tiny_cfg(*opts):
                   *opts)
 
 
-@pytest.mark.parametrize("name,paper_millions", [("cmt_r50", 94.9), ("cmt_r104", 135.2)])
+@pytest.mark.parametrize("name,paper_millions", [("cmt_r50", 94.9), ("cmt_r104", 135.2),
+                                                 ("cmt_r104_rfn", 270.3)])
 def test_parameter_count_matches_table1(name, paper_millions):
     cfg = cfg_of(os.path.join(CONFIG_DIR, "coco", f"{name}.yaml"))
     with torch.device("meta"):
@@ -98,3 +99,35 @@ def test_output_is_accepted_by_coco_panoptic_evaluator(tiny_synthetic, tmp_path)
     loader = Trainer.build_test_loader(cfg, "tiny_synthetic_val")
     res = inference_on_dataset(model, loader, COCOPanopticEvaluator("tiny_synthetic_val", str(tmp_path)))
     assert 0.0 <= res["panoptic_seg"]["PQ"] <= 100.0
+
+
+def test_rfn_stacks_two_models_connected_at_stride_4_and_averages_outputs(batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("MODEL.CMT.RFN", "True")).train()
+    single = sum(p.numel() for p in build_model(tiny_cfg()).parameters())
+    connect = sum(p.numel() for p in model.decoder.connect.parameters())
+    assert sum(p.numel() for p in model.parameters()) == 2 * single + connect
+    losses = model(batch)
+    # 4 CMT layers per copy, plus the first copy's final output: 9 auxiliary outputs
+    assert "loss_pq_8" in losses and "loss_pq_9" not in losses
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # the backbone LR multiplier reaches the second copy's backbone
+    from cmt_cops_d2.engine.optimizer import optimizer_param_groups
+
+    groups = optimizer_param_groups(model, 1.0, 0.0, 0.0, 0.0, backbone_multiplier=0.1)
+    lr = {p: g["lr"] for g in groups for p in g["params"]}
+    assert lr[model.decoder.backbone2.stem.conv1.weight] == 0.1
+    assert lr[model.decoder.decoder2.class_head.weight] == 1.0
+    # outputs are the average of the two copies
+    model.eval()
+    with torch.no_grad():
+        images = torch.randn(1, 3, 64, 64)
+        feats = model.backbone(images)
+        out = model.decoder(images, feats)
+        out1 = model.decoder.decoder1(feats)
+        from cmt_cops_d2.modeling.cmt.rfn import run_backbone_with_injection
+
+        link = model.decoder.connect(out1["stride4_features"])
+        out2 = model.decoder.decoder2(run_backbone_with_injection(model.decoder.backbone2, images, link))
+    assert torch.allclose(out["pred_masks"], (out1["pred_masks"] + out2["pred_masks"]) / 2, atol=1e-6)
