@@ -32,6 +32,18 @@ def _empty(h, w, device):
     return torch.zeros((h, w), dtype=torch.int32, device=device), []
 
 
+def _paste(pan, segments, stuff_segment, region, label: int, isthing: bool, score: float) -> None:
+    """Write ``region`` into ``pan`` as a new segment, or into the existing segment of its stuff class."""
+    if not isthing and label in stuff_segment:
+        pan[region] = stuff_segment[label]
+        return
+    sid = len(segments) + 1
+    pan[region] = sid
+    if not isthing:
+        stuff_segment[label] = sid
+    segments.append({"id": sid, "category_id": label, "isthing": isthing, "score": score})
+
+
 def mask_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing_ids: Sequence[int],
                     thing_threshold: float = 0.7, stuff_threshold: float = 0.5,
                     pixel_threshold: float = 0.4, overlap_threshold: float = 0.8
@@ -61,15 +73,7 @@ def mask_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing
         free = binary[n] & (pan == 0)
         if free.sum() <= overlap_threshold * area[n]:
             continue
-        if not isthing and label in stuff_segment:
-            pan[free] = stuff_segment[label]
-            continue
-        sid = len(segments) + 1
-        pan[free] = sid
-        if not isthing:
-            stuff_segment[label] = sid
-        segments.append({"id": sid, "category_id": label, "isthing": isthing,
-                         "score": float(scores[n] * mask_score[n])})
+        _paste(pan, segments, stuff_segment, free, label, isthing, float(scores[n] * mask_score[n]))
     return pan, segments
 
 
@@ -94,16 +98,8 @@ def pixel_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thin
     assigned = best_p > pixel_threshold
     stuff_segment = {}
     for n in torch.unique(best[assigned]).tolist():
-        region = assigned & (best == n)
-        label, thing = int(labels[n]), bool(isthing[n])
-        if not thing and label in stuff_segment:
-            pan[region] = stuff_segment[label]
-            continue
-        sid = len(segments) + 1
-        pan[region] = sid
-        if not thing:
-            stuff_segment[label] = sid
-        segments.append({"id": sid, "category_id": label, "isthing": thing, "score": float(scores[n])})
+        _paste(pan, segments, stuff_segment, assigned & (best == n), int(labels[n]), bool(isthing[n]),
+               float(scores[n]))
     return pan, segments
 
 
