@@ -29,7 +29,13 @@ from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 import cmt_cops_d2  # noqa: E402,F401  (registers datasets and models)
-from cmt_cops_d2.engine import Trainer, default_setup_plugin, launch, setup_cfg  # noqa: E402
+from cmt_cops_d2.engine import (  # noqa: E402
+    Trainer,
+    default_setup_plugin,
+    launch,
+    setup_cfg,
+    weights_error_context,
+)
 
 
 def main(args):
@@ -37,9 +43,10 @@ def main(args):
     default_setup_plugin(cfg, args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        with weights_error_context(cfg.MODEL.WEIGHTS):
+            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+                cfg.MODEL.WEIGHTS, resume=args.resume
+            )
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

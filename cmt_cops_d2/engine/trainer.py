@@ -9,6 +9,7 @@
 * DistributedDataParallel on GPU (one device per process) and on CPU (Gloo), so a multi-process run
   works with or without CUDA.
 """
+import contextlib
 import logging
 import os
 import weakref
@@ -28,7 +29,8 @@ from ..config import add_cmt_cops_d2_config
 from ..data.mappers import build_train_mapper
 from .optimizer import build_optimizer
 
-__all__ = ["Trainer", "setup_cfg", "create_ddp_model", "check_cfg", "default_setup_plugin"]
+__all__ = ["Trainer", "setup_cfg", "create_ddp_model", "check_cfg", "default_setup_plugin",
+           "weights_error_context"]
 
 PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
 
@@ -43,6 +45,15 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     if next(model.parameters()).device.type == "cuda":
         kwargs.setdefault("device_ids", [comm.get_local_rank()])
     return DistributedDataParallel(model, **kwargs)
+
+
+@contextlib.contextmanager
+def weights_error_context(weights: str):
+    """Re-raise a failure to read or download ``weights`` with the config key and value in the message."""
+    try:
+        yield
+    except Exception as e:
+        raise RuntimeError(f"could not load MODEL.WEIGHTS={weights!r}: {type(e).__name__}: {e}") from e
 
 
 def check_cfg(cfg: CfgNode) -> None:
@@ -112,6 +123,12 @@ class Trainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume=True):
+        """``DefaultTrainer.resume_or_load``; a weights file that cannot be read or downloaded raises an
+        error naming ``MODEL.WEIGHTS``."""
+        with weights_error_context(self.cfg.MODEL.WEIGHTS):
+            super().resume_or_load(resume=resume)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
