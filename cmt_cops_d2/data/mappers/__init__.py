@@ -1,15 +1,17 @@
 """Training dataset mappers, chosen by ``cfg.INPUT.DATASET_MAPPER_NAME``."""
+from .cops import COPSPanopticMapper
 from .mask_transformer import MaskTransformerPanopticMapper
 from .panoptic_deeplab import PanopticDeepLabMapper
 from .panoptic_io import read_image_checked, read_panoptic_checked
 
 __all__ = ["MAPPERS", "build_train_mapper", "PanopticDeepLabMapper", "MaskTransformerPanopticMapper", "read_image_checked",
-           "read_panoptic_checked"]
+           "read_panoptic_checked", "COPSPanopticMapper"]
 
 # INPUT.DATASET_MAPPER_NAME -> mapper class (each has a configurable __init__ taking cfg).
 MAPPERS = {
     "panoptic_deeplab": PanopticDeepLabMapper,
     "mask_transformer_panoptic": MaskTransformerPanopticMapper,
+    "cops_panoptic": COPSPanopticMapper,
 }
 
 
