@@ -14,7 +14,7 @@ Files, under ``root`` (default ``$DETECTRON2_DATASETS/synthetic_panoptic``), mir
     panoptic_semseg_{split}2017/{image_id:06d}.png semantic PNGs, contiguous class id, 255 = unlabelled
     annotations/panoptic_{split}2017.json         images, annotations (segments_info), categories
 
-Pure numpy + OpenCV + PIL; no Detectron2 needed. The same (seed, split, index) always gives the same image.
+numpy, OpenCV, PIL and panopticapi's ``id2rgb``; no Detectron2 needed. The same (seed, split, index) always gives the same image.
 """
 import hashlib
 import json
@@ -23,6 +23,7 @@ from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
+from panopticapi.utils import id2rgb
 from PIL import Image
 
 __all__ = [
@@ -214,11 +215,6 @@ def generate_image(seed: int, split: str, index: int, cfg: SyntheticConfig
     return image, pan, segments
 
 
-def _id2rgb(pan: np.ndarray) -> np.ndarray:
-    """Segment ids -> RGB as panopticapi's ``id2rgb``: id = R + 256 G + 256^2 B."""
-    return np.stack([pan % 256, pan // 256 % 256, pan // 256 ** 2], axis=-1).astype(np.uint8)
-
-
 def generate_split(root: str, split: str, num_images: int, cfg: SyntheticConfig) -> str:
     """Write one split under ``root``; returns the path of its panoptic JSON."""
     img_dir = os.path.join(root, f"{split}2017")
@@ -233,7 +229,7 @@ def generate_split(root: str, split: str, num_images: int, cfg: SyntheticConfig)
         image, pan, segments = generate_image(cfg.seed, split, i, cfg)
         stem = f"{image_id:06d}"
         Image.fromarray(image).save(os.path.join(img_dir, stem + ".jpg"), quality=95)
-        Image.fromarray(_id2rgb(pan)).save(os.path.join(pan_dir, stem + ".png"))
+        Image.fromarray(id2rgb(pan)).save(os.path.join(pan_dir, stem + ".png"))
         sem = np.full(pan.shape, 255, np.uint8)
         for s in segments:
             sem[pan == s["id"]] = CONTIGUOUS[s["category_id"]]
