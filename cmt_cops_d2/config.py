@@ -36,6 +36,9 @@ def add_cmt_cops_d2_config(cfg: CN) -> CN:
     cfg.MODEL.FIND_UNUSED_PARAMETERS = False
 
     add_cmt_config(cfg)
+    from .modeling.cops.config import add_cops_config  # local import: avoids an import cycle
+
+    add_cops_config(cfg)
 
     # Also run SemSegEvaluator (mIoU) on panoptic datasets that have semantic PNGs.
     cfg.TEST.SEMANTIC_EVALUATION = False

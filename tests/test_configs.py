@@ -22,7 +22,7 @@ def test_configs_are_found():
 @pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: os.path.relpath(p, CONFIG_DIR))
 def test_config_loads_and_builds(path):
     cfg = setup_cfg(argparse.Namespace(config_file=path, opts=["MODEL.DEVICE", "cpu"]))
-    assert cfg.MODEL.META_ARCHITECTURE in ("PanopticDeepLab", "CMTDeepLab")
+    assert cfg.MODEL.META_ARCHITECTURE in ("PanopticDeepLab", "CMTDeepLab", "COPS")
     with torch.device("meta"):  # shapes only: no memory for the large models
         model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
     assert sum(p.numel() for p in model.parameters()) > 0

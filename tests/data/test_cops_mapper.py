@@ -202,13 +202,13 @@ def test_flip_keeps_targets_consistent_with_flipped_png(record):
                for i, j in zip(*np.nonzero(P >= 0)))
 
 
-def test_registered_and_built_from_config_without_cops_keys(tiny_synthetic):
+def test_registered_and_built_from_config(tiny_synthetic):
     assert MAPPERS["cops_panoptic"] is COPSPanopticMapper
     cfg = setup_cfg(argparse.Namespace(
         config_file=os.path.join(CONFIG_DIR, "synthetic", "panoptic_deeplab_tiny.yaml"),
         opts=["DATASETS.TRAIN", "('tiny_synthetic_train',)", "INPUT.DATASET_MAPPER_NAME", "cops_panoptic",
               "INPUT.CROP.SIZE", "(48, 48)"]))
-    assert cfg.MODEL.get("COPS", None) is None
+    assert tuple(cfg.MODEL.COPS.EDGE_DISTANCES) == COCO_D       # the MODEL.COPS defaults
     m = build_train_mapper(cfg)
     assert isinstance(m, COPSPanopticMapper)
     assert m.edge_distances == COCO_D and m.target_stride == 4 and m.thing_edge_weight == 4.0

@@ -136,11 +136,6 @@ class COPSPanopticMapper:
     @classmethod
     def from_config(cls, cfg):
         meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-        cops = cfg.MODEL.get("COPS", None)
-
-        def cops_get(key, default):
-            return cops.get(key, default) if cops is not None else default
-
         return {
             "augmentations": build_train_augmentations(cfg),
             "image_format": cfg.INPUT.FORMAT,
@@ -148,9 +143,9 @@ class COPSPanopticMapper:
             "thing_ids": list(meta.thing_dataset_id_to_contiguous_id.values()),
             "small_instance_area": cfg.INPUT.SMALL_INSTANCE_AREA,
             "small_instance_weight": cfg.INPUT.SMALL_INSTANCE_WEIGHT,
-            "edge_distances": tuple(cops_get("EDGE_DISTANCES", DEFAULT_EDGE_DISTANCES)),
-            "target_stride": cops_get("TARGET_STRIDE", 4),
-            "thing_edge_weight": cops_get("THING_EDGE_WEIGHT", 4.0),
+            "edge_distances": tuple(cfg.MODEL.COPS.EDGE_DISTANCES),
+            "target_stride": cfg.MODEL.COPS.TARGET_STRIDE,
+            "thing_edge_weight": cfg.MODEL.COPS.THING_EDGE_WEIGHT,
         }
 
     def _isthing(self, seg: dict) -> bool:

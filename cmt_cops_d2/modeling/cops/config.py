@@ -1,0 +1,55 @@
+"""Config keys of COPS (``cfg.MODEL.COPS``).
+
+Defaults are the paper's (Sec. 4) or, where the paper is silent, the public COPS code's
+(``/work/shared/notes/cops_anchor.md`` Sec. 0, 1a, 4); "(choice)" marks our own choices.
+
+Other keys the COPS meta-architecture reads:
+
+* ``MODEL.BACKBONE`` / ``MODEL.RESNETS``: the R-50 DeepLab backbone (``build_resnet_deeplab_backbone``).
+* ``MODEL.SEM_SEG_HEAD.*``: the semantic branch, Detectron2's ``PanopticDeepLabSemSegHead``
+  (DeepLabV3+ decoder + head + K-class predictor). Its ``LOSS_TOP_K`` is *replaced* by
+  ``MODEL.COPS.SEMANTIC_TOP_K``; its ``LOSS_WEIGHT`` weights the semantic loss.
+* ``MODEL.INS_EMBED_HEAD.{IN_FEATURES, PROJECT_FEATURES, PROJECT_CHANNELS, ASPP_CHANNELS,
+  ASPP_DILATIONS, ASPP_DROPOUT, CONVS_DIM, NORM}``: the affinity branch's own DeepLabV3+ decoder (the
+  public COPS code also configures its affinity branch through ``INS_EMBED_HEAD``).
+* ``MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV``: also used by the affinity decoder.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_cops_config"]
+
+
+def add_cops_config(cfg: CN) -> CN:
+    """Add ``MODEL.COPS`` (idempotent; returns ``cfg``)."""
+    if "COPS" in cfg.MODEL:
+        return cfg
+    cfg.MODEL.COPS = CN()
+    c = cfg.MODEL.COPS
+    # Edge distances d on the stride-4 grid: vertical and horizontal edges of every d (paper Sec. 3.1:
+    # COCO {1, 4, 16, 32, 64}; Cityscapes adds 128). Also read by the COPS mapper (affinity targets).
+    c.EDGE_DISTANCES = [1, 4, 16, 32, 64]
+    # Stride of the node grid, the affinity targets and the network outputs (paper: 4).
+    c.TARGET_STRIDE = 4
+    # Affinity-loss weight of edges with a thing endpoint (paper Sec. 4 "Baseline pre-training": x4);
+    # small things get INPUT.SMALL_INSTANCE_WEIGHT (3) on top. Read by the COPS mapper.
+    c.THING_EDGE_WEIGHT = 4.0
+    # Factor of the affinity loss (public pretrain yamls: 0.25). The loss is summed over distances and
+    # the two directions, each a top-k weighted BCE (see AFFINITY_TOP_K).
+    c.AFFINITY_LOSS_WEIGHT = 0.25
+    # Fraction of hardest edges kept by the affinity BCE of each (distance, direction), over the
+    # batch-flattened map (public code: 0.25; 1.0 = plain weighted mean).
+    c.AFFINITY_TOP_K = 0.25
+    # Fraction of hardest pixels of the semantic DeepLab top-k CE (Cityscapes 0.2, COCO 1.0).
+    # Replaces MODEL.SEM_SEG_HEAD.LOSS_TOP_K.
+    c.SEMANTIC_TOP_K = 0.2
+    # Channels of the two 3x3 convs after cat(affinity decoder features, detached semantic logits)
+    # (public yamls: 256). The per-distance predictors narrow to 1/4 and 1/8 of their input.
+    c.AFFINITY_HEAD_CHANNELS = 256
+    # Thing clusters with fewer grid pixels become void at inference (public code: 12 // 4 = 3).
+    c.MIN_THING_CLUSTER_SIZE = 3
+    # Threads of the AMWC solver at inference (one problem per image); 0 = os.cpu_count().
+    c.SOLVER_THREADS = 0
+    # Inputs are padded to a multiple of this (0: the backbone's size divisibility). With ASPP image
+    # pooling over a fixed window (INPUT.CROP enabled) it must be a multiple of the crop size.
+    c.SIZE_DIVISIBILITY = 0
+    return cfg

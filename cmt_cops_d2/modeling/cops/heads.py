@@ -1,0 +1,176 @@
+"""COPS heads: the affinity branch and the cost module (paper Sec. 3.1; notes Sec. 0 and 4).
+
+Affinity branch (:class:`COPSAffinityHead`)
+------------------------------------------
+* Its own DeepLabV3+ decoder (Detectron2's ``DeepLabV3PlusHead`` in decoder-only mode) on the backbone
+  features, giving ``C_dec`` channels at stride 4.
+* ``cat(decoder features, semantic logits.detach())`` (stop-gradient: the affinity branch must not
+  influence the semantic branch), then two 3x3 conv + norm + ReLU to ``C`` channels: the affinity
+  features ``F`` (``B x C x h x w``).
+* One predictor per distance ``d``. Edge features, **anchor convention** of
+  ``cmt_cops_d2.solvers.graph`` (slot ``(r, c)`` holds the edge that starts at ``(r, c)``):
+
+  - ``d = 1``: ``F`` itself (the 3x3 convs of the predictor see both endpoints);
+  - ``d > 1``: ``cat(F[r + d, c] - F[r, c], F[r, c + d] - F[r, c])`` (``2C`` channels, vertical then
+    horizontal), zero where the edge leaves the grid (:func:`edge_features`).
+
+  Predictor: 3x3 conv to ``in/4`` and 3x3 conv to ``in/8`` (norm + ReLU; grouped by direction, 2 groups,
+  for ``d > 1``), then a 1x1 conv to 2 logits (channel 0 vertical, 1 horizontal). Logits of slots whose
+  edge leaves the grid are set to 0 (no edge there; the loss gives them weight 0, the solver ignores them).
+
+  Output: affinity logits ``B x D x 2 x h x w``; a logit is the score of "cut" (endpoints in different
+  segments), trained with BCE towards the mapper's ``affinities`` (1 = cut).
+
+Costs (:class:`COPSCosts`)
+--------------------------
+``node = w_s * (-semantic logit) + b_s`` (``B x K x h x w``, lower = preferred) and
+``edge = |w_d| * (-affinity logit) + b_d`` (``B x D x 2 x h x w``, paid when the edge is cut, positive =
+attractive). ``w_s, w_d`` start at 1 and ``b_s, b_d`` at 0 (public code). They receive gradients only
+through the AMWC layer (full training stage); in pretraining they are frozen by the meta-architecture.
+"""
+from typing import Dict, List, Sequence
+
+import fvcore.nn.weight_init as weight_init
+import torch
+from detectron2.config import configurable
+from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.projects.deeplab import DeepLabV3PlusHead
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["COPSAffinityHead", "COPSCosts", "edge_features", "edge_valid_mask"]
+
+
+def edge_features(feat: torch.Tensor, d: int) -> torch.Tensor:
+    """Endpoint differences of the edges of distance ``d``, anchor convention.
+
+    Args:
+        feat: ``B x C x h x w``.
+    Returns:
+        ``B x 2C x h x w``: channels ``[:C]`` = ``feat[r + d, c] - feat[r, c]`` (vertical edges),
+        ``[C:]`` = ``feat[r, c + d] - feat[r, c]`` (horizontal edges); 0 where ``r + d >= h`` (resp.
+        ``c + d >= w``).
+    """
+    vert = torch.zeros_like(feat)
+    hor = torch.zeros_like(feat)
+    h, w = feat.shape[-2:]
+    if d < h:
+        vert[..., : h - d, :] = feat[..., d:, :] - feat[..., : h - d, :]
+    if d < w:
+        hor[..., :, : w - d] = feat[..., :, d:] - feat[..., :, : w - d]
+    return torch.cat([vert, hor], dim=1)
+
+
+def edge_valid_mask(h: int, w: int, distances: Sequence[int], device=None) -> torch.Tensor:
+    """Bool ``D x 2 x h x w``, True at slots holding an edge (torch twin of ``grid_edge_valid_mask``)."""
+    m = torch.zeros((len(distances), 2, h, w), dtype=torch.bool, device=device)
+    for i, d in enumerate(distances):
+        m[i, 0, : max(h - d, 0), :] = True
+        m[i, 1, :, : max(w - d, 0)] = True
+    return m
+
+
+def _conv(cin, cout, k, norm, groups=1):
+    conv = Conv2d(cin, cout, kernel_size=k, padding=k // 2, groups=groups, bias=norm == "",
+                  norm=get_norm(norm, cout), activation=F.relu)
+    weight_init.c2_xavier_fill(conv)
+    return conv
+
+
+class _DistancePredictor(nn.Module):
+    """Edge features of one distance -> 2 logits (vertical, horizontal)."""
+
+    def __init__(self, in_channels: int, norm: str, groups: int):
+        super().__init__()
+        c1, c2 = max(in_channels // 4, groups), max(in_channels // 8, groups)
+        c1, c2 = c1 - c1 % groups, c2 - c2 % groups
+        self.convs = nn.Sequential(_conv(in_channels, c1, 3, norm, groups), _conv(c1, c2, 3, norm, groups))
+        self.predictor = Conv2d(c2, 2, kernel_size=1)  # not grouped (as the public code)
+        nn.init.normal_(self.predictor.weight, 0, 0.001)
+        nn.init.constant_(self.predictor.bias, 0)
+
+    def forward(self, x):
+        return self.predictor(self.convs(x))
+
+
+class COPSAffinityHead(DeepLabV3PlusHead):
+    """Affinity branch: own DeepLabV3+ decoder, detached semantic logits, per-distance predictors."""
+
+    @configurable
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, decoder_channels: List[int], norm: str,
+                 num_classes_semantic: int, head_channels: int, edge_distances: Sequence[int], **kwargs):
+        """
+        Args:
+            input_shape, decoder_channels, norm, kwargs: of ``DeepLabV3PlusHead`` (decoder-only).
+            num_classes_semantic: K, channels of the semantic logits concatenated to the decoder output.
+            head_channels: C, channels of the affinity features.
+            edge_distances: the distances d (one predictor each).
+        """
+        super().__init__(input_shape, decoder_channels=decoder_channels, norm=norm, num_classes=None, **kwargs)
+        assert self.decoder_only
+        self.edge_distances = [int(d) for d in edge_distances]
+        cin = decoder_channels[0] + int(num_classes_semantic)
+        self.head = nn.Sequential(_conv(cin, head_channels, 3, norm), _conv(head_channels, head_channels, 3, norm))
+        self.predictors = nn.ModuleList(
+            [_DistancePredictor(head_channels if d == 1 else 2 * head_channels, norm, 1 if d == 1 else 2)
+             for d in self.edge_distances])
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        h = cfg.MODEL.INS_EMBED_HEAD
+        train_size = cfg.INPUT.CROP.SIZE if cfg.INPUT.CROP.ENABLED else None
+        if train_size is not None:
+            assert cfg.INPUT.CROP.TYPE == "absolute"
+        return dict(
+            input_shape={k: v for k, v in input_shape.items() if k in h.IN_FEATURES},
+            project_channels=h.PROJECT_CHANNELS,
+            aspp_dilations=h.ASPP_DILATIONS,
+            aspp_dropout=h.ASPP_DROPOUT,
+            decoder_channels=[h.CONVS_DIM] * (len(h.IN_FEATURES) - 1) + [h.ASPP_CHANNELS],
+            common_stride=cfg.MODEL.COPS.TARGET_STRIDE,
+            norm=h.NORM,
+            train_size=train_size,
+            use_depthwise_separable_conv=cfg.MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV,
+            num_classes_semantic=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            head_channels=cfg.MODEL.COPS.AFFINITY_HEAD_CHANNELS,
+            edge_distances=cfg.MODEL.COPS.EDGE_DISTANCES,
+        )
+
+    def affinity_features(self, features: Dict[str, torch.Tensor], sem_logits: torch.Tensor) -> torch.Tensor:
+        """``F`` (``B x C x h x w``) from the backbone features and the stride-4 semantic logits."""
+        y = super().layers(features)
+        if y.shape[-2:] != sem_logits.shape[-2:]:
+            raise ValueError(f"affinity decoder output {tuple(y.shape[-2:])} and semantic logits "
+                             f"{tuple(sem_logits.shape[-2:])} differ in size")
+        return self.head(torch.cat([y, sem_logits.detach()], dim=1))
+
+    def forward(self, features: Dict[str, torch.Tensor], sem_logits: torch.Tensor) -> torch.Tensor:
+        """Affinity ("cut") logits ``B x D x 2 x h x w`` at the stride of ``sem_logits``."""
+        feat = self.affinity_features(features, sem_logits)
+        h, w = feat.shape[-2:]
+        outs = [pred(feat if d == 1 else edge_features(feat, d))
+                for d, pred in zip(self.edge_distances, self.predictors)]
+        logits = torch.stack(outs, dim=1)
+        return logits * edge_valid_mask(h, w, self.edge_distances, feat.device).to(logits.dtype)
+
+
+class COPSCosts(nn.Module):
+    """Learnable affine maps from logits to AMWC costs (one per branch, scalars)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_s = nn.Parameter(torch.ones(()))
+        self.b_s = nn.Parameter(torch.zeros(()))
+        self.w_d = nn.Parameter(torch.ones(()))
+        self.b_d = nn.Parameter(torch.zeros(()))
+
+    def node_costs(self, sem_logits: torch.Tensor) -> torch.Tensor:
+        """``B x K x h x w`` class costs (lower = preferred)."""
+        return self.w_s * (-sem_logits) + self.b_s
+
+    def edge_costs(self, aff_logits: torch.Tensor) -> torch.Tensor:
+        """``B x D x 2 x h x w`` edge costs (paid when cut; positive = attractive)."""
+        return self.w_d.abs() * (-aff_logits) + self.b_d
+
+    def forward(self, sem_logits: torch.Tensor, aff_logits: torch.Tensor):
+        return self.node_costs(sem_logits), self.edge_costs(aff_logits)

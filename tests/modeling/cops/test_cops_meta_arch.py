@@ -1,0 +1,201 @@
+"""COPS meta-architecture on CPU: pretraining step, anchor-convention edge features, inference format,
+COCOPanopticEvaluator, any input size, and exact reproduction of the GT with perfect logits."""
+import argparse
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
+from detectron2.modeling import build_model
+
+from cmt_cops_d2.data.mappers import build_train_mapper
+from cmt_cops_d2.engine import Trainer, setup_cfg
+from cmt_cops_d2.modeling.cops.heads import edge_features, edge_valid_mask
+from cmt_cops_d2.modeling.cops.meta_arch import panoptic_from_solution
+from cmt_cops_d2.solvers import edge_maps_to_flat, grid_edge_valid_mask
+from cmt_cops_d2.solvers.checks import check_amwc_solution
+
+from ...conftest import CONFIG_DIR
+
+CONFIG = os.path.join(CONFIG_DIR, "synthetic", "cops_tiny_pretrain.yaml")
+DISTANCES = [1, 2, 4, 8]
+
+
+def tiny_cfg(*opts):
+    return setup_cfg(argparse.Namespace(config_file=CONFIG, opts=[
+        "MODEL.DEVICE", "cpu", "DATASETS.TRAIN", "('tiny_synthetic_train',)", "DATASETS.TEST",
+        "('tiny_synthetic_val',)", "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "100",
+        "INPUT.CROP.SIZE", "(64, 64)", "INPUT.MIN_SIZE_TEST", "64", "INPUT.MAX_SIZE_TEST", "80",
+        "MODEL.COPS.SIZE_DIVISIBILITY", "64", "MODEL.COPS.SOLVER_THREADS", "1",
+        "DATALOADER.NUM_WORKERS", "0", *opts]))
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_synthetic):
+    return tiny_cfg()
+
+
+@pytest.fixture(scope="module")
+def batch(cfg):
+    mapper = build_train_mapper(cfg)
+    return [mapper(d) for d in DatasetCatalog.get("tiny_synthetic_train")[:2]]
+
+
+@pytest.fixture(scope="module")
+def model(cfg):
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+def test_training_step_losses_and_gradients(model, batch):
+    model.train()
+    model.zero_grad()
+    losses = model(batch)
+    assert set(losses) == {"loss_sem_seg"} | {f"loss_affinity_d{d}" for d in DISTANCES}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    # Stop-gradient: the affinity loss alone reaches no parameter of the semantic branch.
+    sem_params = list(model.sem_seg_head.parameters())
+    aff_loss = sum(v for k, v in losses.items() if k.startswith("loss_affinity"))
+    grads = torch.autograd.grad(aff_loss, sem_params, retain_graph=True, allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
+    sum(losses.values()).backward()
+    frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+    # The cost affines are trained only by the full stage (through the AMWC layer): frozen here.
+    assert frozen == ["costs.b_d", "costs.b_s", "costs.w_d", "costs.w_s"]
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+
+
+def test_edge_features_follow_anchor_convention():
+    torch.manual_seed(1)
+    feat = torch.randn(2, 3, 6, 7)
+    for d in [1, 2, 4, 6, 7, 9]:
+        out = edge_features(feat, d)
+        ref = torch.zeros(2, 6, 6, 7)
+        for r in range(6):
+            for c in range(7):
+                if r + d < 6:
+                    ref[:, :3, r, c] = feat[:, :, r + d, c] - feat[:, :, r, c]
+                if c + d < 7:
+                    ref[:, 3:, r, c] = feat[:, :, r, c + d] - feat[:, :, r, c]
+        torch.testing.assert_close(out, ref)
+        assert np.array_equal(edge_valid_mask(6, 7, [d]).numpy(), grid_edge_valid_mask(6, 7, [d]))
+
+
+def test_affinity_head_uses_anchor_edge_features(model, batch):
+    model.eval()
+    images = torch.stack([(x["image"].float() - model.pixel_mean) / model.pixel_std for x in batch])
+    with torch.no_grad():
+        features = model.backbone(images)
+        sem = model.sem_seg_head.layers(features)
+        aff = model.affinity_head(features, sem)
+        feat = model.affinity_head.affinity_features(features, sem)
+    h, w = sem.shape[-2:]
+    assert aff.shape == (2, len(DISTANCES), 2, h, w)
+    mask = torch.from_numpy(grid_edge_valid_mask(h, w, DISTANCES))
+    assert not aff[:, ~mask].any()
+    for k, d in enumerate(DISTANCES):
+        x = feat if d == 1 else edge_features(feat, d)
+        ref = model.affinity_head.predictors[k](x) * mask[k]
+        torch.testing.assert_close(aff[:, k], ref)
+
+
+def test_panoptic_from_solution_rules():
+    labels = np.array([[0, 0, 1, 1], [0, 2, 1, 1], [2, 2, 2, 0]])
+    clusters = np.array([[0, 5, 1, 1], [0, 2, 3, 3], [4, 4, 4, 6]])
+    is_thing = np.array([False, True, True])
+    pan, infos = panoptic_from_solution(labels, clusters, is_thing, 3)
+    # stuff 0: one segment over 3 clusters; thing 1: clusters 1 (2 px) and 3 (2 px) dropped;
+    # thing 2: cluster 2 (1 px) dropped, cluster 4 (3 px) kept.
+    assert infos == [{"id": 1, "category_id": 0, "isthing": False}, {"id": 2, "category_id": 2, "isthing": True}]
+    assert np.array_equal(pan, [[1, 1, 0, 0], [1, 0, 0, 0], [2, 2, 2, 1]])
+
+
+def test_inference_is_feasible_and_accepted_by_evaluator(cfg, model, tmp_path):
+    model.eval()
+    meta = MetadataCatalog.get("tiny_synthetic_val")
+    calls = []
+    solve = model.solve
+
+    def checked_solve(node_costs, edge_costs, grid_sizes):
+        sols = solve(node_costs, edge_costs, grid_sizes)
+        for b, ((h, w), (lab, cid)) in enumerate(zip(grid_sizes, sols)):
+            theta = node_costs[b, :, :h, :w].double().reshape(node_costs.shape[1], -1).T.numpy()
+            costs = edge_maps_to_flat(edge_costs[b, :, :, :h, :w].double().numpy(), DISTANCES)
+            check_amwc_solution(theta, model._edges(h, w), costs, model.is_thing, lab.reshape(-1),
+                                cid.reshape(-1))
+            calls.append(b)
+        return sols
+
+    outputs = []
+    inference = model.inference
+
+    def recording_inference(*args):
+        res = inference(*args)
+        outputs.append((args[2], copy.deepcopy(res)))  # the evaluator pops "isthing" from its copy
+        return res
+
+    model.solve, model.inference = checked_solve, recording_inference
+    try:
+        loader = Trainer.build_test_loader(cfg, "tiny_synthetic_val")
+        res = inference_on_dataset(model, loader, COCOPanopticEvaluator("tiny_synthetic_val", str(tmp_path)))
+    finally:
+        del model.solve, model.inference
+    assert len(calls) == len(DatasetCatalog.get("tiny_synthetic_val"))
+    assert "PQ" in res["panoptic_seg"] and np.isfinite(res["panoptic_seg"]["PQ"])
+    thing_ids = set(meta.thing_dataset_id_to_contiguous_id.values())
+    x, (out, *_) = outputs[0]
+    pan, infos = out["panoptic_seg"]
+    assert pan.dtype == torch.int32 and pan.shape == (x[0]["height"], x[0]["width"])
+    assert out["sem_seg"].shape == (7, x[0]["height"], x[0]["width"])
+    assert set(torch.unique(pan).tolist()) - {0} == {s["id"] for s in infos}
+    stuff = [s["category_id"] for s in infos if not s["isthing"]]
+    assert len(stuff) == len(set(stuff))
+    assert all(s["isthing"] == (s["category_id"] in thing_ids) for s in infos)
+
+
+@pytest.mark.parametrize("size,out", [((37, 53), None), ((64, 80), (128, 160)), ((70, 129), None)])
+def test_any_input_size(model, size, out):
+    model.eval()
+    x = {"image": torch.randint(0, 256, (3, *size), dtype=torch.uint8)}
+    if out is not None:
+        x["height"], x["width"] = out
+    with torch.no_grad():
+        r = model([x])[0]
+    pan, infos = r["panoptic_seg"]
+    assert pan.shape == (out or size) and r["sem_seg"].shape == (7, *(out or size))
+    assert set(torch.unique(pan).tolist()) - {0} == {s["id"] for s in infos}
+
+
+def test_perfect_logits_reproduce_ground_truth(model, batch, monkeypatch):
+    model.eval()
+    x = dict(batch[0])
+    H, W = x["image"].shape[-2:]
+    x["height"], x["width"] = H, W
+    gt, classes = x["panoptic"].numpy(), x["panoptic_classes"].numpy()
+    h, w = gt.shape
+    sem_grid = x["sem_seg"].numpy()[2::4, 2::4]
+    sem = torch.full((1, 7, 16, 16), -10.0)  # padded grid (64 / 4)
+    for c in range(7):
+        sem[0, c, :h, :w][torch.from_numpy(sem_grid == c)] = 10.0
+    aff = torch.where(x["affinities"] > 0, 10.0, -10.0)
+    aff = torch.nn.functional.pad(aff, (0, 16 - w, 0, 16 - h))[None]
+    monkeypatch.setattr(model.sem_seg_head, "layers", lambda features: sem)
+    monkeypatch.setattr(model.affinity_head, "forward", lambda features, s: aff)
+    with torch.no_grad():
+        pan, infos = model([x])[0]["panoptic_seg"]
+    grid = pan.numpy()[2::4, 2::4]
+    cat = {s["id"]: s["category_id"] for s in infos}
+    checked = 0
+    for s in range(len(classes)):
+        m = gt == s
+        if m.sum() < 3:
+            continue
+        ids = np.unique(grid[m])
+        assert len(ids) == 1 and ids[0] != 0 and cat[ids[0]] == classes[s]
+        assert (grid == ids[0])[gt >= 0].sum() == m.sum()  # no other GT segment shares the id
+        checked += 1
+    assert checked >= 2
