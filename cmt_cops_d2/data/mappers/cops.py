@@ -34,7 +34,6 @@ input is padded to a size divisibility has a larger output; the model pads these
 The small-object test uses the segment's area in the full-resolution augmented image (as
 Panoptic-DeepLab's target generator and the public COPS mapper).
 """
-import copy
 import logging
 from typing import Iterable, List, Sequence, Union
 
@@ -43,10 +42,9 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
-from panopticapi.utils import rgb2id
 
 from .panoptic_deeplab import build_train_augmentations
-from .panoptic_io import read_image_checked, read_panoptic_checked
+from .panoptic_io import load_augmented_panoptic
 
 __all__ = ["COPSPanopticMapper", "cops_edge_targets"]
 
@@ -202,14 +200,6 @@ class COPSPanopticMapper:
         }
 
     def __call__(self, dataset_dict: dict) -> dict:
-        dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image_checked(dataset_dict, self.image_format)
-        pan_rgb, _ = read_panoptic_checked(dataset_dict)
-        dataset_dict.pop("pan_seg_file_name")
-        aug_input = T.AugInput(image, sem_seg=pan_rgb)
-        self.augmentations(aug_input)
-        image, pan_rgb = aug_input.image, aug_input.sem_seg
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        pan_ids = rgb2id(np.asarray(pan_rgb)).astype(np.int64)
+        dataset_dict, pan_ids = load_augmented_panoptic(dataset_dict, self.image_format, self.augmentations)
         dataset_dict.update(self.targets(pan_ids, dataset_dict["segments_info"]))
         return dataset_dict

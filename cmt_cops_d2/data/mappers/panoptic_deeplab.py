@@ -4,19 +4,15 @@ Same transforms and targets as ``detectron2.projects.panoptic_deeplab.PanopticDe
 (resize, optional crop, flip; semantic / center heatmap / offset targets from
 ``PanopticDeepLabTargetGenerator``), with the image and panoptic PNG read through the checked readers.
 """
-import copy
 import logging
 from typing import Callable, List, Union
 
-import numpy as np
-import torch
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.projects.panoptic_deeplab.target_generator import PanopticDeepLabTargetGenerator
-from panopticapi.utils import rgb2id
 
-from .panoptic_io import read_image_checked, read_panoptic_checked
+from .panoptic_io import load_augmented_panoptic
 
 __all__ = ["PanopticDeepLabMapper", "build_train_augmentations"]
 
@@ -61,14 +57,6 @@ class PanopticDeepLabMapper:
                 "panoptic_target_generator": generator}
 
     def __call__(self, dataset_dict: dict) -> dict:
-        dataset_dict = copy.deepcopy(dataset_dict)
-        image = read_image_checked(dataset_dict, self.image_format)
-        pan_rgb, _ = read_panoptic_checked(dataset_dict)
-        dataset_dict.pop("pan_seg_file_name")
-        aug_input = T.AugInput(image, sem_seg=pan_rgb)
-        self.augmentations(aug_input)
-        image, pan_rgb = aug_input.image, aug_input.sem_seg
-        dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
-        targets = self.panoptic_target_generator(rgb2id(pan_rgb), dataset_dict["segments_info"])
-        dataset_dict.update(targets)
+        dataset_dict, pan_ids = load_augmented_panoptic(dataset_dict, self.image_format, self.augmentations)
+        dataset_dict.update(self.panoptic_target_generator(pan_ids, dataset_dict["segments_info"]))
         return dataset_dict

@@ -1,11 +1,14 @@
 """Reading one annotated image with checks shared by every mapper."""
+import copy
 from typing import Tuple
 
 import numpy as np
+import torch
+from detectron2.data import transforms as T
 from detectron2.data import detection_utils as utils
 from panopticapi.utils import rgb2id
 
-__all__ = ["read_image_checked", "read_panoptic_checked"]
+__all__ = ["read_image_checked", "read_panoptic_checked", "load_augmented_panoptic"]
 
 
 def read_image_checked(dataset_dict: dict, image_format: str) -> np.ndarray:
@@ -60,3 +63,21 @@ def read_panoptic_checked(dataset_dict: dict) -> Tuple[np.ndarray, np.ndarray]:
             f"{dataset_dict.get('width')}x{dataset_dict.get('height')} (width x height)"
         )
     return pan_rgb, pan_ids
+
+
+def load_augmented_panoptic(dataset_dict: dict, image_format: str,
+                            augmentations: T.AugmentationList) -> Tuple[dict, np.ndarray]:
+    """Read (checked) and augment an image with its panoptic PNG, the shared first step of the mappers.
+
+    Returns:
+        (record, pan_ids): a copy of ``dataset_dict`` with ``image`` (3 x H x W uint8 tensor) set and
+        ``pan_seg_file_name`` removed, and the augmented H x W int64 segment-id map.
+    """
+    dataset_dict = copy.deepcopy(dataset_dict)
+    image = read_image_checked(dataset_dict, image_format)
+    pan_rgb, _ = read_panoptic_checked(dataset_dict)
+    dataset_dict.pop("pan_seg_file_name")
+    aug_input = T.AugInput(image, sem_seg=pan_rgb)
+    augmentations(aug_input)
+    dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+    return dataset_dict, rgb2id(np.asarray(aug_input.sem_seg)).astype(np.int64)

@@ -1,7 +1,6 @@
 """Tests of the COPS PQ surrogate (eq. 5-6): hard limit == panopticapi, gradients, hand-made cases."""
 import itertools
 import json
-import os
 
 import numpy as np
 import pytest
