@@ -46,6 +46,8 @@ __all__ = [
     "AxialResNet",
     "build_axial_resnet_backbone",
     "axial_block_layout",
+    "conv_norm",
+    "get_activation",
 ]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
@@ -61,7 +63,7 @@ def get_activation(name: str) -> nn.Module:
     raise ValueError(f"Unknown activation {name!r}; expected 'gelu' or 'relu'")
 
 
-def _conv_norm(in_channels, out_channels, kernel_size, *, stride=1, dilation=1, norm="BN"):
+def conv_norm(in_channels, out_channels, kernel_size, *, stride=1, dilation=1, norm="BN"):
     """Bias-free ``Conv2d`` with its norm attached (Detectron2 style: ``conv.norm``)."""
     conv = Conv2d(
         in_channels,
@@ -85,9 +87,9 @@ class InceptionStem(CNNBlockBase):
 
     def __init__(self, in_channels: int = 3, width: int = 64, *, norm="BN", activation="gelu"):
         super().__init__(in_channels, 2 * width, 2)
-        self.conv1 = _conv_norm(in_channels, width, 3, stride=2, norm=norm)
-        self.conv2 = _conv_norm(width, width, 3, norm=norm)
-        self.conv3 = _conv_norm(width, 2 * width, 3, norm=norm)
+        self.conv1 = conv_norm(in_channels, width, 3, stride=2, norm=norm)
+        self.conv2 = conv_norm(width, width, 3, norm=norm)
+        self.conv3 = conv_norm(width, 2 * width, 3, norm=norm)
         self.act = get_activation(activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +107,7 @@ class _ResidualBlock(CNNBlockBase):
     def __init__(self, in_channels, out_channels, stride, *, norm, activation, drop_path):
         super().__init__(in_channels, out_channels, stride)
         if in_channels != out_channels:
-            self.shortcut = _conv_norm(in_channels, out_channels, 1, stride=stride, norm=norm)
+            self.shortcut = conv_norm(in_channels, out_channels, 1, stride=stride, norm=norm)
         else:
             self.shortcut = None  # identity, subsampled if strided
         self.drop_path = DropPath(drop_path)
@@ -150,11 +152,11 @@ class BottleneckBlock(_ResidualBlock):
         super().__init__(
             in_channels, out_channels, stride, norm=norm, activation=activation, drop_path=drop_path
         )
-        self.conv1 = _conv_norm(in_channels, bottleneck_channels, 1, norm=norm)
-        self.conv2 = _conv_norm(
+        self.conv1 = conv_norm(in_channels, bottleneck_channels, 1, norm=norm)
+        self.conv2 = conv_norm(
             bottleneck_channels, bottleneck_channels, 3, stride=stride, dilation=dilation, norm=norm
         )
-        self.conv3 = _conv_norm(bottleneck_channels, out_channels, 1, norm=norm)
+        self.conv3 = conv_norm(bottleneck_channels, out_channels, 1, norm=norm)
 
     @property
     def last_conv(self):
@@ -195,7 +197,7 @@ class AxialBlock(_ResidualBlock):
         super().__init__(
             in_channels, out_channels, stride, norm=norm, activation=activation, drop_path=drop_path
         )
-        self.conv1 = _conv_norm(in_channels, bottleneck_channels, 1, norm=norm)
+        self.conv1 = conv_norm(in_channels, bottleneck_channels, 1, norm=norm)
         self.attention = AxialAttention2D(
             bottleneck_channels,
             key_channels,
@@ -206,7 +208,7 @@ class AxialBlock(_ResidualBlock):
             norm=norm,
             rpe_init_std=rpe_init_std,
         )
-        self.conv3 = _conv_norm(value_channels, out_channels, 1, norm=norm)
+        self.conv3 = conv_norm(value_channels, out_channels, 1, norm=norm)
 
     @property
     def last_conv(self):

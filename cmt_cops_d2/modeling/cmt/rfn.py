@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone.axial_resnet import _conv_norm
+from ..backbone.axial_resnet import conv_norm
 
 __all__ = ["RecursiveFeatureNetwork", "run_backbone_with_injection"]
 
@@ -44,7 +44,7 @@ class RecursiveFeatureNetwork(nn.Module):
                  norm: str = "BN"):
         super().__init__()
         self.decoder1, self.backbone2, self.decoder2 = decoder1, backbone2, decoder2
-        self.connect = _conv_norm(stride4_channels, res2_channels, 1, norm=norm)
+        self.connect = conv_norm(stride4_channels, res2_channels, 1, norm=norm)
         with torch.no_grad():
             self.connect.norm.weight.zero_()
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone.axial_resnet import BottleneckBlock, _conv_norm, get_activation
+from ..backbone.axial_resnet import BottleneckBlock, conv_norm, get_activation
 from ..layers import AxialAttention2D, DropPath
 from .cmt_layer import CMTLayer, resize_assignment_logits
 
@@ -36,11 +36,11 @@ class DualPathBlock(nn.Module):
                  max_span: int, switches: Dict[str, bool], first_layer: bool = False):
         super().__init__()
         f = channels // 4
-        self.conv1 = _conv_norm(channels, 2 * f, 1, norm=norm)
+        self.conv1 = conv_norm(channels, 2 * f, 1, norm=norm)
         self.axial = AxialAttention2D(2 * f, f, 2 * f, num_heads=num_heads, max_span=max_span, norm=norm)
         self.cmt = CMTLayer(2 * f, center_dim, key_dim=cmt_key_dim, num_heads=num_heads,
                             num_points=num_points, first_layer=first_layer, **switches)
-        self.conv3 = _conv_norm(2 * f, channels, 1, norm=norm)
+        self.conv3 = conv_norm(2 * f, channels, 1, norm=norm)
         with torch.no_grad():
             self.conv3.norm.weight.zero_()          # the block starts as the identity
         self.act = get_activation(activation)
@@ -93,22 +93,22 @@ class CMTDecoder(nn.Module):
                   max_span=max_span, switches=switches)
         self.stage5 = nn.ModuleList(DualPathBlock(c5, drop_path=rates[i], first_layer=i == 0, **kw)
                                     for i in range(stage_blocks[0]))
-        self.fuse4 = _conv_norm(c5, c4, 1, norm=norm)
+        self.fuse4 = conv_norm(c5, c4, 1, norm=norm)
         self.stage4 = nn.ModuleList(DualPathBlock(c4, drop_path=rates[stage_blocks[0] + i], **kw)
                                     for i in range(stage_blocks[1]))
         d8, d4 = decoder_channels
-        self.up8, self.skip8 = _conv_norm(c4, d8, 1, norm=norm), _conv_norm(c3, d8, 1, norm=norm)
+        self.up8, self.skip8 = conv_norm(c4, d8, 1, norm=norm), conv_norm(c3, d8, 1, norm=norm)
         self.block8 = BottleneckBlock(d8, d8, bottleneck_channels=d8 // 4, norm=norm, activation=activation)
-        self.up4, self.skip4 = _conv_norm(d8, d4, 1, norm=norm), _conv_norm(c2, d4, 1, norm=norm)
+        self.up4, self.skip4 = conv_norm(d8, d4, 1, norm=norm), conv_norm(c2, d4, 1, norm=norm)
         self.block4 = BottleneckBlock(d4, d4, bottleneck_channels=d4 // 4, norm=norm, activation=activation)
         self.act = get_activation(activation)
         # Final assignment at stride 4 (eq. 6) and the heads.
-        self.pixel_head = nn.Sequential(_conv_norm(d4, d4, 3, norm=norm), get_activation(activation),
+        self.pixel_head = nn.Sequential(conv_norm(d4, d4, 3, norm=norm), get_activation(activation),
                                         nn.Conv2d(d4, mask_dim, 1))
         self.center_head = nn.Linear(center_dim, mask_dim)
         self.mask_dim = mask_dim
         self.class_head = nn.Linear(center_dim, num_classes + 1)
-        self.semantic_head = nn.Sequential(_conv_norm(d4, d4, 3, norm=norm), get_activation(activation),
+        self.semantic_head = nn.Sequential(conv_norm(d4, d4, 3, norm=norm), get_activation(activation),
                                            nn.Conv2d(d4, num_classes, 1))
 
     def _upsample_add(self, x, up_conv, skip, skip_conv):
