@@ -133,14 +133,21 @@ class CMTDeepLab(nn.Module):
     def inference(self, outputs: Dict, batched_inputs: List[dict], images: ImageList) -> List[Dict]:
         results = []
         padded = images.tensor.shape[-2:]
-        for i, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
-            masks = F.interpolate(outputs["pred_masks"][i: i + 1].float(), size=padded, mode="bilinear",
-                                  align_corners=False)[:, :, :h, :w]
-            out_h, out_w = x.get("height", h), x.get("width", w)
+
+        def to_output_size(t, h, w, out_h, out_w):
+            t = F.interpolate(t[None].float(), size=padded, mode="bilinear", align_corners=False)
+            t = t[:, :, :h, :w]
             if (out_h, out_w) != (h, w):
-                masks = F.interpolate(masks, size=(out_h, out_w), mode="bilinear", align_corners=False)
-            masks, cls = masks[0], outputs["pred_logits"][i]
-            pan, segments = panoptic_inference(cls, masks, self.thing_ids, merge=self.merge,
-                                               **self.thresholds)
-            results.append({"panoptic_seg": (pan, segments), "sem_seg": semantic_inference(cls, masks)})
+                t = F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False)
+            return t[0]
+
+        for i, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
+            out_h, out_w = x.get("height", h), x.get("width", w)
+            cls, masks = outputs["pred_logits"][i], outputs["pred_masks"][i]
+            # Semantic scores at the output stride, then upsampled like the mask logits (K x H x W
+            # instead of an N x K x H x W product at full resolution).
+            sem_seg = to_output_size(semantic_inference(cls, masks), h, w, out_h, out_w)
+            pan, segments = panoptic_inference(cls, to_output_size(masks, h, w, out_h, out_w),
+                                               self.thing_ids, merge=self.merge, **self.thresholds)
+            results.append({"panoptic_seg": (pan, segments), "sem_seg": sem_seg})
         return results

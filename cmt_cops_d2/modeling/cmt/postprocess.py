@@ -6,7 +6,9 @@ Two strategies (``MODEL.CMT.TEST.MERGE``):
   its probability (softmax over clusters) exceeds ``pixel_threshold``; clusters are ranked by
   ``class score * mask score`` and pasted onto an empty canvas; a cluster is kept if its score passes the
   thing / stuff threshold and more than ``overlap_threshold`` of its mask is still free; stuff clusters
-  of the same class become one segment.
+  of the same class become one segment. The masks are kept sparse (:func:`cluster_candidates`): at most
+  two clusters can pass the default threshold 0.4 at a pixel, so the merge never builds ``N`` dense
+  ``H x W`` masks (at 1281 x 1281 that is 128 x 1.6M pixels).
 * ``"pixel"``, per-pixel argmax (MaX-DeepLab): only clusters whose class confidence passes the
   thing / stuff threshold compete; each pixel takes its most likely cluster if that probability exceeds
   ``pixel_threshold``.
@@ -14,11 +16,13 @@ Two strategies (``MODEL.CMT.TEST.MERGE``):
 Both return ``(panoptic_seg, segments_info)`` with segment ids >= 1 and 0 for void, the format
 ``COCOPanopticEvaluator`` and ``Visualizer.draw_panoptic_seg`` accept.
 """
+import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["semantic_inference", "mask_wise_merge", "pixel_wise_merge", "panoptic_inference"]
+__all__ = ["semantic_inference", "cluster_candidates", "max_clusters_per_pixel", "mask_wise_merge",
+           "pixel_wise_merge", "panoptic_inference"]
 
 
 def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -44,6 +48,35 @@ def _paste(pan, segments, stuff_segment, region, label: int, isthing: bool, scor
     segments.append({"id": sid, "category_id": label, "isthing": isthing, "score": score})
 
 
+def max_clusters_per_pixel(pixel_threshold: float, num_clusters: int) -> int:
+    """How many clusters can have probability ``> t`` at one pixel: ``k`` of them need ``k t < 1``
+    (probabilities sum to 1), so ``k <= ceil(1/t) - 1`` (1 for ``t >= 0.5``, 2 for the default 0.4)."""
+    if pixel_threshold <= 0:
+        return num_clusters
+    return max(1, min(num_clusters, math.ceil(1.0 / pixel_threshold) - 1))
+
+
+def cluster_candidates(mask_logits: torch.Tensor, pixel_threshold: float
+                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse form of ``softmax_N(mask_logits) > pixel_threshold``.
+
+    Returns ``(cluster, pixel, prob)`` for every (cluster, flattened pixel) pair above the threshold,
+    sorted by cluster. Only the top ``max_clusters_per_pixel`` clusters of each pixel can pass, so this
+    costs one logsumexp and one top-k over ``N x H x W`` instead of ``N`` dense masks, and the result
+    is exactly the dense thresholding.
+    """
+    N = mask_logits.shape[0]
+    flat = mask_logits.float().reshape(N, -1)
+    k = max_clusters_per_pixel(pixel_threshold, N)
+    top, idx = flat.topk(k, dim=0) if k > 1 else flat.max(0, keepdim=True)
+    prob = (top - torch.logsumexp(flat, 0)).exp_()
+    passed = prob > pixel_threshold
+    pixel = torch.arange(flat.shape[1], device=flat.device).expand(k, -1)[passed]
+    cluster, prob = idx[passed], prob[passed]
+    order = torch.argsort(cluster, stable=True)
+    return cluster[order], pixel[order], prob[order]
+
+
 def mask_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing_ids: Sequence[int],
                     thing_threshold: float = 0.7, stuff_threshold: float = 0.5,
                     pixel_threshold: float = 0.4, overlap_threshold: float = 0.8
@@ -57,12 +90,14 @@ def mask_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing
     N, H, W = mask_logits.shape
     class_prob = class_logits.float().softmax(-1)
     scores, labels = class_prob[:, :-1].max(-1)
-    mask_prob = mask_logits.float().softmax(0)
-    binary = mask_prob > pixel_threshold        # may overlap when pixel_threshold < 0.5
-    area = binary.flatten(1).sum(1)
-    mask_score = (mask_prob * binary).flatten(1).sum(1) / area.clamp(min=1)
+    cluster, pixel, prob = cluster_candidates(mask_logits, pixel_threshold)
+    # masks may overlap when pixel_threshold < 0.5
+    area = torch.bincount(cluster, minlength=N)
+    mask_score = torch.bincount(cluster, weights=prob, minlength=N) / area.clamp(min=1)
+    ends = torch.cumsum(area, 0).tolist()
     order = torch.argsort(scores * mask_score, descending=True)
     pan, segments = _empty(H, W, mask_logits.device)
+    flat_pan = pan.view(-1)
     things = set(int(t) for t in thing_ids)
     stuff_segment = {}
     for n in order.tolist():
@@ -70,10 +105,11 @@ def mask_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing
         isthing = label in things
         if area[n] == 0 or scores[n] < (thing_threshold if isthing else stuff_threshold):
             continue
-        free = binary[n] & (pan == 0)
-        if free.sum() <= overlap_threshold * area[n]:
+        mask = pixel[ends[n] - int(area[n]): ends[n]]
+        free = mask[flat_pan[mask] == 0]
+        if free.numel() <= overlap_threshold * area[n]:
             continue
-        _paste(pan, segments, stuff_segment, free, label, isthing, float(scores[n] * mask_score[n]))
+        _paste(flat_pan, segments, stuff_segment, free, label, isthing, float(scores[n] * mask_score[n]))
     return pan, segments
 
 
@@ -92,14 +128,17 @@ def pixel_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thin
     pan, segments = _empty(H, W, mask_logits.device)
     if not keep.any():
         return pan, segments
-    logits = mask_logits.float().masked_fill(~keep[:, None, None], float("-inf"))
-    prob = logits.softmax(0)
-    best_p, best = prob.max(0)
+    kept = keep.nonzero()[:, 0]
+    logits = mask_logits.float()[kept].reshape(len(kept), -1)      # softmax over the kept clusters
+    best_logit, best = logits.max(0)
+    best_p = (best_logit - torch.logsumexp(logits, 0)).exp_()
     assigned = best_p > pixel_threshold
+    best = kept[best]
+    flat_pan = pan.view(-1)
     stuff_segment = {}
     for n in torch.unique(best[assigned]).tolist():
-        _paste(pan, segments, stuff_segment, assigned & (best == n), int(labels[n]), bool(isthing[n]),
-               float(scores[n]))
+        _paste(flat_pan, segments, stuff_segment, assigned & (best == n), int(labels[n]),
+               bool(isthing[n]), float(scores[n]))
     return pan, segments
 
 

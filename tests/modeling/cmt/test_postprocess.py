@@ -80,3 +80,56 @@ def test_semantic_inference_is_class_prob_weighted_masks():
 def test_unknown_merge():
     with pytest.raises(ValueError, match="MERGE='argmax'"):
         panoptic_inference(torch.zeros(1, 2), torch.zeros(1, 2, 2), [0], merge="argmax")
+
+
+def _dense_mask_wise_merge(class_logits, mask_logits, thing_ids, thing_threshold, stuff_threshold,
+                           pixel_threshold, overlap_threshold):
+    """Reference: N dense binary masks, pasted in rank order (MaskFormer's merge, written plainly)."""
+    N, H, W = mask_logits.shape
+    scores, labels = class_logits.softmax(-1)[:, :-1].max(-1)
+    prob = mask_logits.softmax(0)
+    binary = prob > pixel_threshold
+    area = binary.flatten(1).sum(1)
+    mask_score = (prob * binary).flatten(1).sum(1) / area.clamp(min=1)
+    pan = torch.zeros(H, W, dtype=torch.int32)
+    segs, stuff = [], {}
+    for n in torch.argsort(scores * mask_score, descending=True).tolist():
+        label, isthing = int(labels[n]), int(labels[n]) in thing_ids
+        if area[n] == 0 or scores[n] < (thing_threshold if isthing else stuff_threshold):
+            continue
+        free = binary[n] & (pan == 0)
+        if free.sum() <= overlap_threshold * area[n]:
+            continue
+        if not isthing and label in stuff:
+            pan[free] = stuff[label]
+            continue
+        pan[free] = len(segs) + 1
+        if not isthing:
+            stuff[label] = len(segs) + 1
+        segs.append((len(segs) + 1, label, isthing))
+    return pan, segs
+
+
+@pytest.mark.parametrize("pixel_threshold", [0.1, 0.2, 0.3, 0.4, 0.5, 0.7])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sparse_mask_wise_merge_equals_dense_masks(pixel_threshold, seed):
+    """The sparse candidates (top ceil(1/t)-1 clusters per pixel) give exactly the dense merge."""
+    g = torch.Generator().manual_seed(seed)
+    N, H, W = 12, 17, 23
+    cls = torch.randn(N, K + 1, generator=g) * 3
+    # smooth, overlapping blobs so that masks compete and several clusters pass at some pixels
+    logits = torch.nn.functional.interpolate(torch.randn(1, N, 5, 6, generator=g) * 4, size=(H, W),
+                                             mode="bilinear", align_corners=False)[0]
+    args = dict(thing_threshold=0.3, stuff_threshold=0.3, pixel_threshold=pixel_threshold,
+                overlap_threshold=0.6)
+    pan, segs = panoptic_inference(cls, logits, thing_ids=[0, 1], merge="mask", **args)
+    ref_pan, ref_segs = _dense_mask_wise_merge(cls, logits, [0, 1], **args)
+    assert len(ref_segs) >= 2                          # the case is not trivial
+    assert torch.equal(pan, ref_pan)
+    assert [(s["id"], s["category_id"], s["isthing"]) for s in segs] == ref_segs
+
+
+@pytest.mark.parametrize("t,k", [(0.4, 2), (0.5, 1), (0.34, 2), (1 / 3, 2), (0.3, 3), (0.0, 7), (0.9, 1)])
+def test_max_clusters_per_pixel(t, k):
+    from cmt_cops_d2.modeling.cmt.postprocess import max_clusters_per_pixel
+    assert max_clusters_per_pixel(t, 7) == k
