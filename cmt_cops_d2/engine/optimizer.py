@@ -2,6 +2,8 @@
 
 * backbone parameters (a module path component starting with ``backbone``, e.g. ``backbone.res2`` or
   the second copy ``decoder.backbone2`` of an RFN) get ``BASE_LR * BACKBONE_MULTIPLIER``;
+* a model with a ``param_lr_multipliers()`` method (``{parameter name: factor}``, e.g. the per-stage
+  learning rates of the COPS full stage) has those parameters' learning rates multiplied by the factor;
 * parameters of normalization layers get ``WEIGHT_DECAY_NORM``, of ``nn.Embedding`` layers (and
   parameters a module lists in ``no_weight_decay_params``) get ``WEIGHT_DECAY_EMBED``;
 * ``SOLVER.CLIP_GRADIENTS`` with ``CLIP_TYPE: full_model`` clips the global gradient norm over all
@@ -36,6 +38,7 @@ def optimizer_param_groups(
     """Parameter groups with the learning rate and weight decay of each trainable parameter."""
     params: List[Dict[str, Any]] = []
     memo = set()
+    lr_factors = model.param_lr_multipliers() if hasattr(model, "param_lr_multipliers") else {}
     for module_name, module in model.named_modules():
         no_wd = set(getattr(module, "no_weight_decay_params", ()))
         for param_name, value in module.named_parameters(recurse=False):
@@ -45,6 +48,7 @@ def optimizer_param_groups(
             lr, wd = base_lr, weight_decay
             if any(part.startswith("backbone") for part in module_name.split(".")):
                 lr = base_lr * backbone_multiplier
+            lr = lr * lr_factors.get(f"{module_name}.{param_name}" if module_name else param_name, 1.0)
             if isinstance(module, NORM_TYPES):
                 wd = weight_decay_norm
             elif isinstance(module, torch.nn.Embedding) or param_name in no_wd:

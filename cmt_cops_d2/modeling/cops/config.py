@@ -52,4 +52,51 @@ def add_cops_config(cfg: CN) -> CN:
     # Inputs are padded to a multiple of this (0: the backbone's size divisibility). With ASPP image
     # pooling over a fixed window (INPUT.CROP enabled) it must be a multiple of the crop size.
     c.SIZE_DIVISIBILITY = 0
+
+    # ---- training stage --------------------------------------------------------------------------
+    # "pretrain": semantic top-k CE + affinity BCE (paper Sec. 4.2 "Baseline pre-training");
+    # "full": only the PQ surrogate (eq. 6) through the AMWC layer (Algorithm 1, eq. 4), with the
+    # backbone, both decoders and every batch norm frozen (Sec. 4.2 "Full training").
+    c.STAGE = "pretrain"
+    # Interval of the interpolation ranges lambda_i ~ U[LAMBDA_MIN, LAMBDA_MAX] of eq. (4). The paper
+    # only says "relatively large values of lambda"; public code: U[1, 5000] (its default and
+    # Cityscapes yaml), COCO yaml U[1000, 5000]. lambda multiplies PQ_LOSS_WEIGHT * dL/dZ.
+    c.LAMBDA_MIN = 1.0
+    c.LAMBDA_MAX = 5000.0
+    # N of eq. (4): MWC solves per image in the backward (paper Sec. 4.2: N = 5).
+    c.NUM_LAMBDA_SAMPLES = 5
+    # Factor of the PQ surrogate loss, weight * (1 - mean_l PQ_l) (paper silent; public code
+    # AMC_LOSS_WEIGHT: Cityscapes 10, COCO 100). It scales the perturbation lambda * dL/dZ.
+    c.PQ_LOSS_WEIGHT = 10.0
+    # Small-segment rejection thresholds t_l of the size gate sigma_l (eq. 6), in pixels at full input
+    # resolution (paper Sec. 4.1: things 200; stuff 4096 COCO, 2048 Cityscapes). The loss works on the
+    # stride-TARGET_STRIDE grid and divides them by TARGET_STRIDE**2 (12.5 / 256 / 128 grid pixels).
+    c.THING_AREA = 200.0
+    c.STUFF_AREA = 4096.0
+    # Dropout of the AMWC costs in full-stage training (public code DROPOUT 0.1; paper silent): every
+    # pixel's node costs (all classes) and every edge cost are zeroed with this probability, without
+    # rescaling. 0 disables it. Never applied at inference.
+    c.COST_DROPOUT = 0.1
+    # Parameters trained in the full stage, as parameter-name patterns (fnmatch; a pattern also
+    # matches everything below it). Paper Sec. 4.2: "the semantic and affinity classifiers along with
+    # the last layer of each semantic and affinity decoder"; the public code trains exactly the
+    # semantic head (the two convs after the DeepLabV3+ decoder) and predictor, the affinity head (the
+    # two convs after cat(decoder, semantic logits)), the per-distance classifier convs and last 1x1
+    # convs, and the cost affines. Everything else is frozen, and batch-norm parameters are frozen
+    # even inside these modules. costs.b_s is left out: a shift of all node costs does not change the
+    # AMWC solution, so its gradient is zero (public code notes: dead parameter).
+    c.FULL_TRAINABLE = [
+        "sem_seg_head.head",
+        "sem_seg_head.predictor",
+        "costs.w_s",
+        "affinity_head.head",
+        "affinity_head.predictors.*.convs",
+        "affinity_head.predictors.*.predictor",
+        "costs.w_d",
+        "costs.b_d",
+    ]
+    # Learning-rate factor of each FULL_TRAINABLE entry (same order), times SOLVER.BASE_LR. Public
+    # code: LR / (20 x the number of trainable stages after it in its branch): semantic head 1/40,
+    # predictor 1/20, affine 1; affinity head 1/60, classifier convs 1/40, last layer 1/20, affine 1.
+    c.FULL_LR_MULTIPLIERS = [1 / 40, 1 / 20, 1.0, 1 / 60, 1 / 40, 1 / 20, 1.0, 1.0]
     return cfg

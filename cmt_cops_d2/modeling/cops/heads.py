@@ -23,7 +23,7 @@ Affinity branch (:class:`COPSAffinityHead`)
 
 Costs (:class:`COPSCosts`)
 --------------------------
-``node = w_s * (-semantic logit) + b_s`` (``B x K x h x w``, lower = preferred) and
+``node = |w_s| * (-semantic logit) + b_s`` (``B x K x h x w``, lower = preferred) and
 ``edge = |w_d| * (-affinity logit) + b_d`` (``B x D x 2 x h x w``, paid when the edge is cut, positive =
 attractive). ``w_s, w_d`` start at 1 and ``b_s, b_d`` at 0 (public code). They receive gradients only
 through the AMWC layer (full training stage); in pretraining they are frozen by the meta-architecture.
@@ -166,7 +166,7 @@ class COPSCosts(nn.Module):
 
     def node_costs(self, sem_logits: torch.Tensor) -> torch.Tensor:
         """``B x K x h x w`` class costs (lower = preferred)."""
-        return self.w_s * (-sem_logits) + self.b_s
+        return self.w_s.abs() * (-sem_logits) + self.b_s
 
     def edge_costs(self, aff_logits: torch.Tensor) -> torch.Tensor:
         """``B x D x 2 x h x w`` edge costs (paid when cut; positive = attractive)."""

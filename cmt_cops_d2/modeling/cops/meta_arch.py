@@ -11,11 +11,51 @@
   map, mean; summed over the two directions, times ``MODEL.COPS.AFFINITY_LOSS_WEIGHT``.
 
 Targets are zero-padded (weight 0) to the padded input's grid. The cost affines
-(``costs.{w_s,b_s,w_d,b_d}``) get no gradient from these losses; only the full training stage (PQ
-surrogate through the AMWC layer, not implemented here) trains them, so they are frozen
-(``requires_grad=False``): every trainable parameter then receives a gradient (DDP-safe).
+(``costs.{w_s,b_s,w_d,b_d}``) get no gradient from these losses; only the full training stage trains
+them, so they are frozen (``requires_grad=False``): every trainable parameter then receives a gradient
+(DDP-safe).
 
-**Inference.** Node costs ``w_s * (-s) + b_s`` and edge costs ``|w_d| * (-a) + b_d`` (positive =
+**Training (full stage, ``MODEL.COPS.STAGE: full``, paper Sec. 3.3 and 4.2 "Full training").** Only
+``loss_pq``, the PQ surrogate (eq. 6) of the AMWC solution, differentiated with Algorithm 1 and the
+robust average of eq. (4):
+
+1. node costs ``|w_s| * (-s) + b_s`` and edge costs ``|w_d| * (-a) + b_d`` (``self.costs``); during
+   training each pixel's node costs (all classes) and each edge cost are zeroed with probability
+   ``MODEL.COPS.COST_DROPOUT`` (no rescaling, as the public code);
+2. per image, on the mapper's stride-4 target grid (``panoptic``, the top-left cells of the padded
+   grid): ``amwc_layer`` with ``pixel_weights = panoptic_weights`` (0 at void / crowd, so those pixels
+   and their edges get no gradient), ``partitionable`` = thing classes and one extra (false-negative)
+   slot per GT segment (``panoptic_classes``); images of equal grid size are solved in one call
+   (one thread per image forward, ``B * N`` MWC problems backward);
+3. :func:`loss_slots`: the loss sees the predicted segments and, per class, only as many extra slots
+   as the class has GT segments without a prediction (``max(0, G_c - P_c)``). An empty slot is a false
+   positive of weight ``sigma_l(0)`` in eq. 6, so unneeded extra slots would only bias the loss; the
+   dropped ones get no gradient and do not enter the lifted MWC label space;
+4. :func:`~.pq_surrogate.pq_sums_single_image` against the GT segments (one mask per ``panoptic``
+   index, weights ``panoptic_weights``, thresholds ``MODEL.COPS.{THING,STUFF}_AREA / stride**2``),
+   pooled over the batch, ``loss_pq = PQ_LOSS_WEIGHT * (1 - mean_l PQ_l)``.
+
+Frozen (paper Sec. 4.2): everything except the parameters matched by ``MODEL.COPS.FULL_TRAINABLE``
+(default: semantic head + predictor, affinity head + per-distance classifiers, cost affines), and every
+batch norm, also inside those modules: its parameters have ``requires_grad=False`` and the module stays
+in eval mode (running statistics fixed) even after ``model.train()``. :meth:`COPS.param_lr_multipliers`
+gives the per-stage learning-rate factors ``MODEL.COPS.FULL_LR_MULTIPLIERS`` to the optimizer.
+
+**Cost scale.** The AMWC solution does not change when all costs are scaled by ``a > 0``, and eq. (3)
+gives ``dL/d|w_s| = <x_p - x, theta - b_s> / (lambda |w_s|)``, mostly ``>= 0`` because ``x`` minimises
+the energy: descent shrinks ``|w_s|`` (and ``|w_d|``), which widens the interpolation. Both scales enter
+through their absolute value, so a step through 0 cannot turn the node costs around (with a signed
+``w_s``, as in the public code, the costs then prefer the least likely class: on the synthetic tiny run
+``w_s`` went 1 -> 0.68 in 1000 iterations at ``SOLVER.BASE_LR`` 1e-3, but below 0 after about 200 at
+5e-3, and PQ fell to 0). A warning is logged when ``|w_s|`` falls below 0.01: the node costs have
+then almost vanished; lower the learning rate of ``costs.w_s``.
+
+**All-void images** (``panoptic_weights`` all 0: nothing to match, every gradient would be masked) are
+skipped: not solved, no contribution to the loss. If every image of the batch is void, ``loss_pq`` is
+``0 * (sum of the costs)``: exactly zero, yet connected to every trainable parameter, so each gets a
+(zero) gradient and DistributedDataParallel does not wait for missing ones.
+
+**Inference.** Node costs ``|w_s| * (-s) + b_s`` and edge costs ``|w_d| * (-a) + b_d`` (positive =
 attractive) on the stride-4 grid of each image (``ceil(H / 4) x ceil(W / 4)`` cells of the padded grid),
 ``solve_amwc_batch`` with ``partitionable`` = thing classes of the metadata, then (notes Sec. 1a): every
 stuff class present gives one segment; every AMWC cluster of a thing class gives one segment, clusters
@@ -26,8 +66,11 @@ Output per image (Detectron2 format): ``panoptic_seg = (ids int32 H x W, 0 = voi
 with ``segments_info`` = ``[{"id", "category_id" (contiguous), "isthing"}]``, and ``sem_seg`` (K x H x W
 semantic logits, bilinear).
 """
+import fnmatch
+import logging
 import os
-from typing import Dict, List, Sequence, Tuple
+from collections import Counter
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,13 +80,19 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.projects.panoptic_deeplab.panoptic_seg import PanopticDeepLabSemSegHead
 from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...solvers import edge_maps_to_flat, grid_edges, solve_amwc_batch
+from .amwc_layer import AMWCSettings, amwc_layer
 from .heads import COPSAffinityHead, COPSCosts
+from .pq_surrogate import area_thresholds_from_isthing, pool_pq_sums, pq_sums_single_image, pq_surrogate_loss
 
-__all__ = ["COPS", "affinity_losses", "panoptic_from_solution"]
+__all__ = ["COPS", "STAGES", "affinity_losses", "loss_slots", "panoptic_from_solution"]
+
+STAGES = ("pretrain", "full")
 
 
 def affinity_losses(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
@@ -91,6 +140,40 @@ def panoptic_from_solution(labels: np.ndarray, clusters: np.ndarray, is_thing: n
     return pan, infos
 
 
+def loss_slots(segment_classes: np.ndarray, segment_is_pred: np.ndarray, gt_classes: np.ndarray) -> np.ndarray:
+    """Slots of one image that enter the PQ surrogate: every predicted slot, and per class ``c`` the
+    first ``max(0, G_c - P_c)`` extra (empty) slots of class ``c`` (``G_c`` GT segments, ``P_c``
+    predicted slots of class ``c``), enough for every GT segment of ``c`` to be matched.
+
+    Args:
+        segment_classes: ``(S,)`` class of each slot, -1 on padding (``AMWCOutput.segment_classes[b]``).
+        segment_is_pred: ``(S,)`` bool, True for predicted slots.
+        gt_classes: ``(G,)`` class of each GT segment of the image.
+    Returns:
+        sorted slot indices (int64).
+    """
+    segment_classes = np.asarray(segment_classes)
+    segment_is_pred = np.asarray(segment_is_pred, bool)
+    keep = np.flatnonzero(segment_is_pred).tolist()
+    need = Counter(np.asarray(gt_classes).tolist())
+    need.subtract(Counter(segment_classes[segment_is_pred].tolist()))
+    for s in np.flatnonzero((segment_classes >= 0) & ~segment_is_pred).tolist():
+        c = int(segment_classes[s])
+        if need[c] > 0:
+            keep.append(s)
+            need[c] -= 1
+    return np.asarray(sorted(keep), np.int64)
+
+
+def _put_scalars(**kv):
+    """Log to the current EventStorage, if any (training under a Detectron2 trainer)."""
+    try:
+        storage = get_event_storage()
+    except AssertionError:
+        return
+    storage.put_scalars(**kv, smoothing_hint=False)
+
+
 def _pad_grid(tensors: List[torch.Tensor], h: int, w: int) -> torch.Tensor:
     """Zero-pad ``(..., h_i, w_i)`` tensors to ``(..., h, w)`` and stack."""
     return torch.stack([F.pad(t, (0, w - t.shape[-1], 0, h - t.shape[-2])) for t in tensors])
@@ -105,14 +188,28 @@ class COPS(nn.Module):
                  pixel_mean, pixel_std, size_divisibility: int, target_stride: int,
                  edge_distances: Sequence[int], thing_ids: Sequence[int], num_classes: int,
                  affinity_loss_weight: float, affinity_top_k: float, min_thing_cluster_size: int,
-                 solver_threads: int):
+                 solver_threads: int, stage: str = "pretrain", amwc_settings: Optional[AMWCSettings] = None,
+                 pq_loss_weight: float = 10.0, thing_area: float = 200.0, stuff_area: float = 4096.0,
+                 cost_dropout: float = 0.1, full_trainable: Sequence[str] = (),
+                 full_lr_multipliers: Sequence[float] = ()):
+        """
+        Args (besides the modules and the pretraining / inference settings):
+            stage: ``MODEL.COPS.STAGE``, "pretrain" or "full" (module doc).
+            amwc_settings: the AMWC layer's backward settings (lambda interval, N, threads).
+            pq_loss_weight: factor of the PQ surrogate loss.
+            thing_area, stuff_area: size-gate thresholds at full resolution (divided by stride**2).
+            cost_dropout: probability of zeroing a pixel's node costs / an edge cost (full stage).
+            full_trainable: parameter-name patterns trained in the full stage.
+            full_lr_multipliers: learning-rate factor of each pattern (same length).
+        """
         super().__init__()
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.affinity_head = affinity_head
         self.costs = COPSCosts()
-        # Pretraining stage: the affines are trained only through the AMWC layer (full stage).
-        self.costs.requires_grad_(False)
+        if stage not in STAGES:
+            raise ValueError(f"MODEL.COPS.STAGE must be one of {STAGES}, got {stage!r}")
+        self.stage = stage
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.size_divisibility = size_divisibility or getattr(backbone, "size_divisibility", 0)
@@ -128,6 +225,71 @@ class COPS(nn.Module):
             raise ValueError(f"size divisibility {self.size_divisibility} must be a multiple of "
                              f"MODEL.COPS.TARGET_STRIDE {self.target_stride}")
         self._edges_cache: Dict[Tuple[int, int], np.ndarray] = {}
+        # ---- full stage ----
+        self.amwc_settings = amwc_settings if amwc_settings is not None else AMWCSettings(
+            num_threads=self.solver_threads, seed=torch.initial_seed())
+        if not pq_loss_weight > 0:
+            raise ValueError(f"MODEL.COPS.PQ_LOSS_WEIGHT must be > 0, got {pq_loss_weight}")
+        if not 0.0 <= cost_dropout < 1.0:
+            raise ValueError(f"MODEL.COPS.COST_DROPOUT must lie in [0, 1), got {cost_dropout}")
+        if not (thing_area >= 0 and stuff_area >= 0):
+            raise ValueError(f"MODEL.COPS.THING_AREA / STUFF_AREA must be >= 0, got {thing_area}, {stuff_area}")
+        self.pq_loss_weight = float(pq_loss_weight)
+        self.cost_dropout = float(cost_dropout)
+        self.register_buffer("area_thresholds", area_thresholds_from_isthing(
+            self.is_thing, thing_area, stuff_area, self.target_stride, dtype=torch.float32), False)
+        self._lr_multipliers: Dict[str, float] = {}
+        self._warned_w_s = False
+        if self.stage == "pretrain":
+            # The affines are trained only through the AMWC layer (full stage).
+            self.costs.requires_grad_(False)
+        else:
+            self._freeze_for_full_stage(list(full_trainable), list(full_lr_multipliers))
+        self.train(self.training)
+
+    def _freeze_for_full_stage(self, patterns: List[str], multipliers: List[float]) -> None:
+        """requires_grad only for parameters matched by ``patterns`` and not in a batch norm; records the
+        learning-rate factor of each (first matching pattern)."""
+        if not patterns:
+            raise ValueError("MODEL.COPS.FULL_TRAINABLE is empty: the full stage would train nothing")
+        if len(multipliers) != len(patterns):
+            raise ValueError(f"MODEL.COPS.FULL_LR_MULTIPLIERS has {len(multipliers)} entries but "
+                             f"MODEL.COPS.FULL_TRAINABLE has {len(patterns)}; give one factor per entry")
+        if any(not m > 0 for m in multipliers):
+            raise ValueError(f"MODEL.COPS.FULL_LR_MULTIPLIERS must be positive, got {multipliers}")
+        bn_params = {id(p) for m in self.modules() if isinstance(m, _BatchNorm) for p in m.parameters()}
+        matched = [0] * len(patterns)
+        for name, p in self.named_parameters():
+            p.requires_grad_(False)
+            for i, pat in enumerate(patterns):
+                if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name, pat + ".*"):
+                    matched[i] += 1
+                    if id(p) not in bn_params:
+                        p.requires_grad_(True)
+                        self._lr_multipliers[name] = float(multipliers[i])
+                    break
+        missing = [pat for pat, n in zip(patterns, matched) if n == 0]
+        if missing:
+            raise ValueError(f"MODEL.COPS.FULL_TRAINABLE entries {missing} match no parameter of the model "
+                             "(patterns are fnmatch patterns of parameter names, e.g. 'sem_seg_head.head')")
+        if not self._lr_multipliers:
+            raise ValueError("MODEL.COPS.FULL_TRAINABLE matches only batch-norm parameters, which the full "
+                             "stage freezes: nothing to train")
+
+    def param_lr_multipliers(self) -> Dict[str, float]:
+        """Learning-rate factor per trainable parameter name (full stage; empty in pretraining), read by
+        ``cmt_cops_d2.engine.optimizer``."""
+        return dict(self._lr_multipliers)
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; in the full stage every batch norm stays in eval mode (frozen statistics,
+        paper Sec. 4.2)."""
+        super().train(mode)
+        if self.stage == "full":
+            for m in self.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+        return self
 
     @classmethod
     def from_config(cls, cfg):
@@ -155,7 +317,26 @@ class COPS(nn.Module):
             "affinity_top_k": c.AFFINITY_TOP_K,
             "min_thing_cluster_size": c.MIN_THING_CLUSTER_SIZE,
             "solver_threads": c.SOLVER_THREADS,
+            "stage": c.STAGE,
+            "amwc_settings": cls._amwc_settings_from_config(cfg),
+            "pq_loss_weight": c.PQ_LOSS_WEIGHT,
+            "thing_area": c.THING_AREA,
+            "stuff_area": c.STUFF_AREA,
+            "cost_dropout": c.COST_DROPOUT,
+            "full_trainable": list(c.FULL_TRAINABLE),
+            "full_lr_multipliers": list(c.FULL_LR_MULTIPLIERS),
         }
+
+    @staticmethod
+    def _amwc_settings_from_config(cfg) -> AMWCSettings:
+        c = cfg.MODEL.COPS
+        try:
+            # lambdas from a generator seeded by torch's seed (Detectron2 seeds it per process).
+            return AMWCSettings(num_samples=int(c.NUM_LAMBDA_SAMPLES), lambda_min=c.LAMBDA_MIN,
+                                lambda_max=c.LAMBDA_MAX, num_threads=int(c.SOLVER_THREADS) or None,
+                                seed=torch.initial_seed())
+        except ValueError as e:
+            raise ValueError(f"MODEL.COPS.LAMBDA_MIN / LAMBDA_MAX / NUM_LAMBDA_SAMPLES: {e}") from None
 
     @property
     def device(self):
@@ -172,6 +353,8 @@ class COPS(nn.Module):
         images = ImageList.from_tensors(images, self.size_divisibility)
         sem_logits, aff_logits = self.predict_logits(images.tensor)
         if self.training:
+            if self.stage == "full":
+                return self.full_stage_losses(sem_logits, aff_logits, batched_inputs)
             return self.losses(sem_logits, aff_logits, batched_inputs, images)
         return self.inference(sem_logits, aff_logits, batched_inputs, images)
 
@@ -191,6 +374,67 @@ class COPS(nn.Module):
         losses.update(affinity_losses(aff_logits, aff_t, aff_w, self.edge_distances, self.affinity_top_k,
                                       self.affinity_loss_weight))
         return losses
+
+    def dropout_costs(self, node_costs: torch.Tensor, edge_costs: torch.Tensor):
+        """Cost dropout (training, full stage): zero all class costs of a pixel / an edge cost with
+        probability ``cost_dropout``, no rescaling (public code's ``DropoutPixels`` and edge dropout)."""
+        p = self.cost_dropout
+        if p <= 0:
+            return node_costs, edge_costs
+        B, _, h, w = node_costs.shape
+        keep_px = (torch.rand((B, 1, h, w), device=node_costs.device) >= p).to(node_costs.dtype)
+        keep_e = (torch.rand(edge_costs.shape, device=edge_costs.device) >= p).to(edge_costs.dtype)
+        return node_costs * keep_px, edge_costs * keep_e
+
+    def full_stage_losses(self, sem_logits, aff_logits, batched_inputs) -> Dict[str, torch.Tensor]:
+        """``{"loss_pq": ...}``: PQ surrogate (eq. 6) of the AMWC solution on each image's target grid
+        (see the module doc)."""
+        need = ("panoptic", "panoptic_classes", "panoptic_weights")
+        if any(k not in x for x in batched_inputs for k in need):
+            raise ValueError(f"COPS full-stage training needs {need} in each input; use "
+                             "INPUT.DATASET_MAPPER_NAME cops_panoptic")
+        node_costs, edge_costs = self.costs(sem_logits, aff_logits)
+        node_costs, edge_costs = self.dropout_costs(node_costs, edge_costs)
+        hp, wp = node_costs.shape[-2:]
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for b, x in enumerate(batched_inputs):
+            h, w = x["panoptic"].shape
+            if h > hp or w > wp:
+                raise ValueError(f"target grid {h}x{w} of image {b} exceeds the network output {hp}x{wp}")
+            if bool((x["panoptic_weights"] > 0).any()):  # all-void images are skipped (module doc)
+                groups.setdefault((h, w), []).append(b)
+        sums = []
+        for (h, w), idx in groups.items():
+            gts = [batched_inputs[b] for b in idx]
+            out = amwc_layer(
+                node_costs[idx, :, :h, :w], edge_costs[idx, :, :, :h, :w], self.edge_distances, self.is_thing,
+                pixel_weights=torch.stack([x["panoptic_weights"] for x in gts]).to(node_costs),
+                extra_slot_classes=[x["panoptic_classes"] for x in gts], settings=self.amwc_settings)
+            seg_cls = out.segment_classes.cpu().numpy()
+            is_pred = out.segment_is_pred.cpu().numpy()
+            for j, x in enumerate(gts):
+                gt_cls = x["panoptic_classes"].to(self.device)
+                keep = torch.from_numpy(loss_slots(seg_cls[j], is_pred[j], gt_cls.cpu().numpy())).to(self.device)
+                pan = x["panoptic"].to(self.device)
+                gt_masks = pan[None] == torch.arange(len(gt_cls), device=self.device)[:, None, None]
+                sums.append(pq_sums_single_image(
+                    out.segments[j, keep], out.segment_classes[j, keep], gt_masks, gt_cls,
+                    x["panoptic_weights"].to(self.device), self.is_thing,
+                    area_thresholds=self.area_thresholds))
+        if not sums:  # every image void: zero loss, still connected to every trainable parameter
+            loss = (node_costs.sum() + edge_costs.sum()) * 0.0
+        else:
+            loss = pq_surrogate_loss(pool_pq_sums(sums), weight=self.pq_loss_weight)
+        w_s = self.costs.w_s.item()
+        _put_scalars(**{"cops/w_s": w_s, "cops/b_s": self.costs.b_s.item(),
+                        "cops/w_d": self.costs.w_d.item(), "cops/b_d": self.costs.b_d.item()})
+        if abs(w_s) < 0.01 and not self._warned_w_s:
+            # Module doc, "Cost scale": eq. (3) pushes |w_s| down; too large a learning rate drives it to 0.
+            logging.getLogger(__name__).warning(
+                f"costs.w_s = {w_s:.4g}: the node costs have almost vanished; lower SOLVER.BASE_LR or the "
+                "costs.w_s entry of MODEL.COPS.FULL_LR_MULTIPLIERS")
+            self._warned_w_s = True
+        return {"loss_pq": loss}
 
     def _edges(self, h: int, w: int) -> np.ndarray:
         key = (h, w)
