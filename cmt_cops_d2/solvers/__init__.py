@@ -1,12 +1,13 @@
 """Combinatorial solvers of the COPS layer (Numba only; this package never imports torch).
 
 * ``solve_amwc`` / ``solve_amwc_batch``: asymmetric multiway cut (forward pass, COPS eq. 2);
+  ``release_workspaces`` frees the work arrays kept between solves;
 * ``solve_mwc`` / ``solve_mwc_batch``: multiway cut on the lifted label space (backward, Algorithm 1);
 * grid helpers (``grid_edges`` and the edge-map <-> flat-edge conversions, anchor convention);
 * ``checks``: an independent feasibility checker, energy functions and brute force for tests;
 * ``reference.solve_amwc_gaec_stale``: the LPMP-like stale-gain baseline (benchmarks only).
 """
-from .amwc import solve_amwc, solve_amwc_batch
+from .amwc import release_workspaces, solve_amwc, solve_amwc_batch
 from .graph import (
     edge_maps_to_flat,
     flat_to_edge_maps,
@@ -20,6 +21,7 @@ from .mwc import solve_mwc, solve_mwc_batch
 __all__ = [
     "solve_amwc",
     "solve_amwc_batch",
+    "release_workspaces",
     "solve_mwc",
     "solve_mwc_batch",
     "grid_edges",

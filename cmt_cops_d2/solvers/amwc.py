@@ -37,11 +37,15 @@ search accepts strict decreases only, so it never worsens the contraction result
 Performance: every kernel is single-threaded and releases the GIL (``solve_amwc_batch`` runs images in
 parallel threads). Parallel edges are found with a hash map keyed by packed node pairs, which covers
 graphs up to ~7e5 nodes with 5 grid distances (``edgehash.packing_fits``); larger graphs use a slower
-fallback that walks the kept cluster's edge list at each contraction.
+fallback that walks the kept cluster's edge list at each contraction. The kernel's large arrays
+(~130 bytes per edge plus 4 per node and label: ~175 MiB for a 256 x 512 grid with 6 distances,
+~42 MiB for 160 x 160 with 133 labels) come from work arrays that are kept for the next solve (see
+"work arrays kept across solves" below; ``release_workspaces()`` frees them).
 """
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
@@ -49,7 +53,7 @@ import numpy as np
 
 from . import _core
 
-__all__ = ["solve_amwc", "solve_amwc_batch", "DEFAULT_CLUSTER_PASSES", "DEFAULT_NODE_PASSES"]
+__all__ = ["solve_amwc", "solve_amwc_batch", "release_workspaces", "DEFAULT_CLUSTER_PASSES", "DEFAULT_NODE_PASSES"]
 
 DEFAULT_CLUSTER_PASSES = 4
 DEFAULT_NODE_PASSES = 4
@@ -155,11 +159,81 @@ def _check_passes(cluster_passes, node_passes):
     return int(cluster_passes), int(node_passes)
 
 
+# ----------------------------------------------------------------------------------------------------
+# work arrays kept across solves
+# ----------------------------------------------------------------------------------------------------
+# The kernel's large arrays (edge records, hash table, heap, edge lists, cost rows of merged clusters)
+# are carved from three flat work arrays (``_core.workspace_sizes``). Fresh memory costs a page fault
+# and zeroing per 4 KiB page (15% of a Cityscapes-size solve), so finished solves hand their work arrays
+# back to a small pool and the next solve (any thread) reuses them. The pool keeps at most
+# ``CMT_AMWC_WORKSPACE_MB`` (environment, default 1024) MiB; ``release_workspaces()`` empties it.
+_WS_LOCK = threading.Lock()
+_WS_FREE: List["_Workspace"] = []
+_WS_LIMIT = int(os.environ.get("CMT_AMWC_WORKSPACE_MB", "1024")) << 20
+
+
+class _Workspace:
+    __slots__ = ("f8", "i4", "i8")
+
+    def __init__(self):
+        self.f8 = np.empty(0, np.float64)
+        self.i4 = np.empty(0, np.int32)
+        self.i8 = np.empty(0, np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        return self.f8.nbytes + self.i4.nbytes + self.i8.nbytes
+
+    def fit(self, nf8: int, ni4: int, ni8: int) -> None:
+        if self.f8.shape[0] < nf8:
+            self.f8 = np.empty(nf8, np.float64)
+        if self.i4.shape[0] < ni4:
+            self.i4 = np.empty(ni4, np.int32)
+        if self.i8.shape[0] < ni8:
+            self.i8 = np.empty(ni8, np.int64)
+
+
+def _acquire_workspace() -> _Workspace:
+    with _WS_LOCK:
+        return _WS_FREE.pop() if _WS_FREE else _Workspace()
+
+
+def _release_workspace(ws: _Workspace) -> None:
+    with _WS_LOCK:
+        if sum(w.nbytes for w in _WS_FREE) + ws.nbytes <= _WS_LIMIT:
+            _WS_FREE.append(ws)
+
+
+def release_workspaces() -> None:
+    """Free the work arrays kept for later solves (they are re-created on demand)."""
+    with _WS_LOCK:
+        _WS_FREE.clear()
+
+
+def _reset_workspaces_after_fork() -> None:
+    # a forked child (e.g. a data-loader worker) must not inherit a lock held by another thread, and
+    # should not write into pages it shares copy-on-write with the parent
+    global _WS_LOCK
+    _WS_LOCK = threading.Lock()
+    _WS_FREE.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_workspaces_after_fork)
+
+
 def run_kernel(theta, edges, costs, part, cluster_passes, node_passes) -> AmwcResult:
     """Solve a validated problem (releases the GIL inside the kernel)."""
     if theta.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0
-    labels, cids, energy, _ = _core.solve_kernel(theta, edges, costs, part, cluster_passes, node_passes, _TOL, True)
+    ws = _acquire_workspace()
+    try:
+        ws.fit(*_core.workspace_sizes(theta.shape[0], theta.shape[1], edges.shape[0]))
+        labels, cids, energy, _ = _core.solve_kernel_ws(
+            theta, edges, costs, part, cluster_passes, node_passes, _TOL, True, ws.f8, ws.i4, ws.i8
+        )
+    finally:
+        _release_workspace(ws)
     return labels, cids, float(energy)
 
 

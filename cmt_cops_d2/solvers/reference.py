@@ -121,7 +121,7 @@ def _stale_kernel(theta0, edges, costs, part):
         adj_len[v] = ptr[v + 1] - ptr[v]
     adj_cap = adj_len.copy()
     deg = adj_len.copy()
-    pool = np.empty(6 * m + 16, np.int64)
+    pool = np.empty(6 * m + 16, np.int32)  # edge ids, like the int32 ``eid`` of ``incidence_csr``
     pool[: 2 * m] = eid
     pend = 2 * m
     alive = np.ones(m, np.uint8)
@@ -168,7 +168,7 @@ def _stale_kernel(theta0, edges, costs, part):
                     cnt += 1
             newcap = 2 * (cnt + adj_len[merge])
             if pend + newcap > pool.shape[0]:
-                bigger = np.empty(max(2 * pool.shape[0], pend + newcap), np.int64)
+                bigger = np.empty(max(2 * pool.shape[0], pend + newcap), np.int32)
                 bigger[:pend] = pool[:pend]
                 pool = bigger
             wp = pend
