@@ -94,22 +94,21 @@ def mask_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing
     # masks may overlap when pixel_threshold < 0.5
     area = torch.bincount(cluster, minlength=N)
     mask_score = torch.bincount(cluster, weights=prob, minlength=N) / area.clamp(min=1)
-    ends = torch.cumsum(area, 0).tolist()
-    order = torch.argsort(scores * mask_score, descending=True)
+    rank = scores * mask_score
+    masks = torch.split(pixel, area.tolist())      # flattened pixels of each cluster's mask
+    scores, labels, area, rank = scores.tolist(), labels.tolist(), area.tolist(), rank.tolist()
     pan, segments = _empty(H, W, mask_logits.device)
     flat_pan = pan.view(-1)
     things = set(int(t) for t in thing_ids)
     stuff_segment = {}
-    for n in order.tolist():
-        label = int(labels[n])
-        isthing = label in things
+    for n in sorted(range(N), key=lambda i: -rank[i]):
+        isthing = labels[n] in things
         if area[n] == 0 or scores[n] < (thing_threshold if isthing else stuff_threshold):
             continue
-        mask = pixel[ends[n] - int(area[n]): ends[n]]
-        free = mask[flat_pan[mask] == 0]
+        free = masks[n][flat_pan[masks[n]] == 0]
         if free.numel() <= overlap_threshold * area[n]:
             continue
-        _paste(flat_pan, segments, stuff_segment, free, label, isthing, float(scores[n] * mask_score[n]))
+        _paste(flat_pan, segments, stuff_segment, free, labels[n], isthing, rank[n])
     return pan, segments
 
 
