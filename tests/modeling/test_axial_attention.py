@@ -9,6 +9,7 @@ from cmt_cops_d2.modeling.layers import (
     AxialAttention,
     AxialAttention2D,
     DropPath,
+    batch_norm_affine,
     drop_path,
     relative_distance_index,
 )
@@ -97,19 +98,52 @@ def dense_reference(att: AxialAttention, x: torch.Tensor, training: bool) -> tor
     return y if att.axis == "width" else y.transpose(2, 3)
 
 
+@pytest.mark.parametrize("autograd", [False, True], ids=["folded", "unfolded"])
 @pytest.mark.parametrize("axis,stride", [("height", 1), ("width", 1), ("height", 2), ("width", 2)])
-def test_matches_dense_reference_eval(axis, stride):
+def test_matches_dense_reference_eval(axis, stride, autograd):
+    # Without autograd the eval-mode norms are folded into q, k, v (AxialAttention._forward_folded);
+    # with it the norms run as in training. Both must give the dense reference.
     torch.manual_seed(0)
     # max_span=3 < L=5 or 6: far pairs exercise the clipping of the relative distance.
     att = AxialAttention(6, 4, 8, axis=axis, num_heads=2, max_span=3, stride=stride).double()
     _randomize_norms(att)
     att.eval()
     x = torch.randn(2, 6, 5, 6, dtype=torch.double)
-    with torch.no_grad():
+    with torch.set_grad_enabled(autograd):
         y = att(x)
+    with torch.no_grad():
         ref = dense_reference(att, x, training=False)
     assert y.shape == ref.shape
     torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("terms", [(False, True, True), (True, False, True), (True, True, False),
+                                   (False, False, False)])
+def test_folded_inference_matches_unfolded_with_position_terms_off(terms):
+    use_q, use_k, use_v = terms
+    torch.manual_seed(2)
+    att = AxialAttention(6, 4, 8, axis="width", num_heads=2, max_span=4, use_query_rpe=use_q,
+                         use_key_rpe=use_k, use_value_rpe=use_v).double()
+    _randomize_norms(att, seed=2)
+    att.eval()
+    x = torch.randn(2, 6, 5, 7, dtype=torch.double)
+    with torch.no_grad():
+        folded = att(x)
+    unfolded = att(x)  # autograd on: the norms run as modules
+    assert unfolded.requires_grad and not folded.requires_grad
+    torch.testing.assert_close(folded, unfolded.detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_group_norm_attention_is_not_folded():
+    # GN normalises each map by its own statistics: there is no per-channel affine to fold.
+    torch.manual_seed(3)
+    att = AxialAttention(8, 32, 32, num_heads=2, norm="GN").eval()  # qkv: 96 channels, 32 groups
+    x = torch.randn(1, 8, 4, 5)
+    with torch.no_grad():
+        assert batch_norm_affine(att.similarity_norm) is None
+        assert batch_norm_affine(att.output_norm) is None
+        y = att(x)
+    torch.testing.assert_close(y, att(x).detach())
 
 
 def test_matches_dense_reference_train_batch_statistics():

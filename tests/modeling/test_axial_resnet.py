@@ -131,11 +131,15 @@ def test_zero_init_makes_every_block_start_as_its_shortcut():
         x = torch.randn(2, block.in_channels, 12, 10)
         with torch.no_grad():
             y = block(x)
-            expected = block.act(block.forward_shortcut(x))
-        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+            # block.act works in place without autograd: give it copies
+            expected = block.act(block.forward_shortcut(x).clone())
+        # The branch is exactly zero; the tolerance only covers GeLU's vectorised and scalar code
+        # paths, which differ in the last bits when the two sides have different memory layouts
+        # (channels-last conv outputs at inference).
+        torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
         if block.shortcut is None:
             identity_shortcuts += 1
-            torch.testing.assert_close(y, block.act(x), rtol=0, atol=0)
+            torch.testing.assert_close(y, block.act(x.clone()), rtol=1e-5, atol=1e-5)
         assert torch.count_nonzero(block.last_conv.norm.weight) == 0
     assert identity_shortcuts == 2  # res4[1], res5[1]
     # Without zero init the residual branch contributes.

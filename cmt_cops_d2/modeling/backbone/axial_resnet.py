@@ -32,12 +32,11 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
-import fvcore.nn.weight_init as weight_init
 from detectron2.config import configurable
-from detectron2.layers import CNNBlockBase, Conv2d, ShapeSpec, get_norm
+from detectron2.layers import CNNBlockBase, ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 
-from ..layers import AxialAttention2D, DropPath
+from ..layers import AxialAttention2D, DropPath, add_, conv_norm, get_activation
 
 __all__ = [
     "InceptionStem",
@@ -46,37 +45,9 @@ __all__ = [
     "AxialResNet",
     "build_axial_resnet_backbone",
     "axial_block_layout",
-    "conv_norm",
-    "get_activation",
 ]
 
 STAGE_NAMES = ("res2", "res3", "res4", "res5")
-
-
-def get_activation(name: str) -> nn.Module:
-    """``"gelu"`` (exact, erf-based; CMT-DeepLab) or ``"relu"`` (original MaX-S)."""
-    name = name.lower()
-    if name == "gelu":
-        return nn.GELU()
-    if name == "relu":
-        return nn.ReLU()
-    raise ValueError(f"Unknown activation {name!r}; expected 'gelu' or 'relu'")
-
-
-def conv_norm(in_channels, out_channels, kernel_size, *, stride=1, dilation=1, norm="BN"):
-    """Bias-free ``Conv2d`` with its norm attached (Detectron2 style: ``conv.norm``)."""
-    conv = Conv2d(
-        in_channels,
-        out_channels,
-        kernel_size,
-        stride=stride,
-        padding=dilation * (kernel_size - 1) // 2,
-        dilation=dilation,
-        bias=False,
-        norm=get_norm(norm, out_channels),
-    )
-    weight_init.c2_msra_fill(conv)
-    return conv
 
 
 class InceptionStem(CNNBlockBase):
@@ -90,7 +61,7 @@ class InceptionStem(CNNBlockBase):
         self.conv1 = conv_norm(in_channels, width, 3, stride=2, norm=norm)
         self.conv2 = conv_norm(width, width, 3, norm=norm)
         self.conv3 = conv_norm(width, 2 * width, 3, norm=norm)
-        self.act = get_activation(activation)
+        self.act = get_activation(activation, inplace=True)  # only applied to conv outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.conv1(x))
@@ -111,7 +82,9 @@ class _ResidualBlock(CNNBlockBase):
         else:
             self.shortcut = None  # identity, subsampled if strided
         self.drop_path = DropPath(drop_path)
-        self.act = get_activation(activation)
+        # Only ever applied to temporaries (conv / attention outputs, the residual sum), so it may
+        # work in place at inference.
+        self.act = get_activation(activation, inplace=True)
 
     def forward_shortcut(self, x: torch.Tensor) -> torch.Tensor:
         """The shortcut path alone: ``[N, in, H, W]`` -> ``[N, out, ceil(H/s), ceil(W/s)]``."""
@@ -122,7 +95,8 @@ class _ResidualBlock(CNNBlockBase):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.forward_shortcut(x) + self.drop_path(self.residual(x)))
+        # The branch ends in a conv, so its output is a temporary the sum may overwrite.
+        return self.act(add_(self.drop_path(self.residual(x)), self.forward_shortcut(x)))
 
     def zero_init_last_norm(self):
         """Start the branch at zero: gamma = 0 in its last norm (a zero conv if it has no norm)."""

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone.axial_resnet import conv_norm
+from ..layers import conv_norm
 
 __all__ = ["RecursiveFeatureNetwork", "run_backbone_with_injection"]
 

@@ -11,7 +11,8 @@ Layout of one :class:`DualPathBlock` (MaX-DeepLab's dual-path block, pixel path 
 -> 1x1 conv (2f -> C)`` with a residual connection, ``f = C / 4``; the CMT layer works on the block's
 ``2f``-channel bottleneck features. Center path: ``C + MHSA(C)``, then ``C + FFN(C)``, each followed by
 LayerNorm. The pixel decoder upsamples by 2 twice, adding 1x1 projections of res3 / res2 and running one
-bottleneck block per stride. The final assignment (eq. 6 at stride 4) adds the last CMT layer's logits
+bottleneck block per stride. The pixel and semantic heads are DeepLab2's depthwise-separable heads
+(:func:`separable_head`). The final assignment (eq. 6 at stride 4) adds the last CMT layer's logits
 (upsampled) to ``K~p Q~c^T`` computed from the stride-4 features.
 """
 import math
@@ -21,11 +22,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backbone.axial_resnet import BottleneckBlock, conv_norm, get_activation
-from ..layers import AxialAttention2D, DropPath
+from ..backbone.axial_resnet import BottleneckBlock
+from ..layers import AxialAttention2D, DropPath, add_, conv_norm, get_activation
 from .cmt_layer import CMTLayer, resize_assignment_logits
 
-__all__ = ["DualPathBlock", "CMTDecoder"]
+__all__ = ["DualPathBlock", "CMTDecoder", "separable_head"]
+
+
+def separable_head(channels: int, out_channels: int, *, norm: str, activation: str,
+                   kernel_size: int = 5) -> nn.Sequential:
+    """DeepLab2's prediction head (MaX-DeepLab's pixel-space and semantic heads): depthwise
+    ``k x k`` conv, norm, act -> 1x1 conv (``channels``), norm, act -> 1x1 conv to ``out_channels``.
+
+    The paper does not describe its heads; with these two heads the model sizes match Table 1 to within
+    0.1% (a dense 3x3 conv in their place adds 1.03M parameters and 100 GFLOPs at 1281 x 1281)."""
+    return nn.Sequential(
+        conv_norm(channels, channels, kernel_size, groups=channels, norm=norm),
+        get_activation(activation, inplace=True),
+        conv_norm(channels, channels, 1, norm=norm),
+        get_activation(activation, inplace=True),
+        nn.Conv2d(channels, out_channels, 1),
+    )
 
 
 class DualPathBlock(nn.Module):
@@ -43,7 +60,7 @@ class DualPathBlock(nn.Module):
         self.conv3 = conv_norm(2 * f, channels, 1, norm=norm)
         with torch.no_grad():
             self.conv3.norm.weight.zero_()          # the block starts as the identity
-        self.act = get_activation(activation)
+        self.act = get_activation(activation, inplace=True)  # only applied to temporaries
         self.drop_path = DropPath(drop_path)
         self.center_attn = nn.MultiheadAttention(center_dim, num_heads, batch_first=True)
         self.center_norm1 = nn.LayerNorm(center_dim)
@@ -53,7 +70,8 @@ class DualPathBlock(nn.Module):
     def forward(self, x, C, S=None, e=None):
         y = self.act(self.axial(self.act(self.conv1(x))))
         out = self.cmt(y, C, S, e)
-        x = self.act(x + self.drop_path(self.conv3(self.act(out["pixels"]))))
+        pixels = out.pop("pixels")  # activated in place at inference: not returned
+        x = self.act(add_(self.drop_path(self.conv3(self.act(pixels))), x))
         C = out["centers"]
         C = self.center_norm1(C + self.drop_path(self.center_attn(C, C, C, need_weights=False)[0]))
         C = self.center_norm2(C + self.drop_path(self.ffn(C)))
@@ -101,19 +119,17 @@ class CMTDecoder(nn.Module):
         self.block8 = BottleneckBlock(d8, d8, bottleneck_channels=d8 // 4, norm=norm, activation=activation)
         self.up4, self.skip4 = conv_norm(d8, d4, 1, norm=norm), conv_norm(c2, d4, 1, norm=norm)
         self.block4 = BottleneckBlock(d4, d4, bottleneck_channels=d4 // 4, norm=norm, activation=activation)
-        self.act = get_activation(activation)
+        self.act = get_activation(activation, inplace=True)  # only applied to temporaries
         # Final assignment at stride 4 (eq. 6) and the heads.
-        self.pixel_head = nn.Sequential(conv_norm(d4, d4, 3, norm=norm), get_activation(activation),
-                                        nn.Conv2d(d4, mask_dim, 1))
+        self.pixel_head = separable_head(d4, mask_dim, norm=norm, activation=activation)
         self.center_head = nn.Linear(center_dim, mask_dim)
         self.mask_dim = mask_dim
         self.class_head = nn.Linear(center_dim, num_classes + 1)
-        self.semantic_head = nn.Sequential(conv_norm(d4, d4, 3, norm=norm), get_activation(activation),
-                                           nn.Conv2d(d4, num_classes, 1))
+        self.semantic_head = separable_head(d4, num_classes, norm=norm, activation=activation)
 
     def _upsample_add(self, x, up_conv, skip, skip_conv):
         x = F.interpolate(up_conv(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.act(x + skip_conv(skip))
+        return self.act(add_(x, skip_conv(skip)))
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict:
         B = features["res5"].shape[0]
@@ -125,7 +141,7 @@ class CMTDecoder(nn.Module):
             if i == len(self.stage5):
                 x = F.interpolate(self.fuse4(x), size=features["res4"].shape[-2:], mode="bilinear",
                                   align_corners=False)
-                x = self.act(x + features["res4"])
+                x = self.act(add_(x, features["res4"]))
             x, C, out = block(x, C, S, e)
             S, e = out["logits"], out.get("ref_embed")
             layers.append({"pred_logits": self.class_head(C), "pred_masks": out["logits"],

@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from detectron2.layers import get_norm
 
+from .conv_norm import batch_norm_affine, conv_then_norm
+
 __all__ = ["AxialAttention", "AxialAttention2D", "relative_distance_index", "attention_norm"]
 
 
@@ -166,9 +168,13 @@ class AxialAttention(nn.Module):
             ``[N, value_channels, H', W']`` with the attended axis subsampled by ``stride``
             (``H' = ceil(H / stride)`` for the height axis, else ``H' = H``; likewise ``W'``).
         """
+        similarity_affine = batch_norm_affine(self.similarity_norm)
+        output_affine = batch_norm_affine(self.output_norm)
+        if similarity_affine is not None and output_affine is not None:
+            return self._forward_folded(x, similarity_affine[0], output_affine)
         n = x.shape[0]
         heads, K, V = self.num_heads, self.key_channels, self.value_channels
-        qkv = self.qkv_norm(self.qkv(x))
+        qkv = conv_then_norm(x, self.qkv, self.qkv_norm)
         if self.axis == "height":
             qkv = qkv.transpose(2, 3)  # [N, C, W, H]: the attended axis is last
         O, L = qkv.shape[-2:]
@@ -202,6 +208,48 @@ class AxialAttention(nn.Module):
 
         if self.stride > 1:
             y = y[..., :: self.stride]
+        if self.axis == "height":
+            y = y.transpose(2, 3)
+        return y.contiguous()
+
+    def _forward_folded(self, x: torch.Tensor, similarity_scale: torch.Tensor, output_affine):
+        """:meth:`forward` with eval-mode batch norms folded in (autograd off), same result.
+
+        Each similarity norm scales its term per head: the scale goes onto ``q`` or ``k`` before the
+        product, and its shift, constant along the softmax axis, drops out. Each output norm is a scale
+        and shift per value channel: the scale goes onto ``v`` (or the retrieved ``r^v`` term), the
+        shifts are added once. No stacked ``[n, terms, h, o, l, m]`` tensor, no norm passes, and with
+        ``stride > 1`` only the kept queries are computed.
+        """
+        n = x.shape[0]
+        heads, K, V, s = self.num_heads, self.key_channels, self.value_channels, self.stride
+        dk, dv = K // heads, V // heads
+        qkv = conv_then_norm(x, self.qkv, self.qkv_norm)
+        if self.axis == "height":
+            qkv = qkv.transpose(2, 3)  # [N, C, W, H]: the attended axis is last
+        O, L = qkv.shape[-2:]
+        q = qkv[:, :K].reshape(n, heads, dk, O, L)[..., ::s]
+        k = qkv[:, K : 2 * K].reshape(n, heads, dk, O, L)
+        v = qkv[:, 2 * K :].reshape(n, heads, dv, O, L)
+        index = relative_distance_index(L, L, self.max_span, device=x.device)[::s]  # [l, m]
+        scale = iter(similarity_scale.to(q.dtype).view(-1, heads, 1, 1, 1))
+
+        logits = torch.einsum("nhdol,nhdom->nholm", q * next(scale), k)
+        if self.use_query_rpe:
+            r_q = self.query_rpe[index].to(q.dtype)
+            logits += torch.einsum("nhdol,lmd->nholm", q * next(scale), r_q)
+        if self.use_key_rpe:
+            r_k = self.key_rpe[index].to(k.dtype)
+            logits += torch.einsum("nhdom,lmd->nholm", k * next(scale), r_k)
+        softmax_dtype = torch.promote_types(logits.dtype, torch.float32)
+        weights = torch.softmax(logits.to(softmax_dtype), dim=-1).to(v.dtype)
+
+        out_scale, out_shift = (t.to(v.dtype).view(-1, heads, dv, 1, 1) for t in output_affine)
+        y = torch.einsum("nholm,nhdom->nhdol", weights, v * out_scale[0])
+        if self.use_value_rpe:
+            r_v = self.value_rpe[index].to(v.dtype)
+            y += torch.einsum("nholm,lmd->nhdol", weights, r_v) * out_scale[1]
+        y = (y + out_shift.sum(0)).reshape(n, V, O, -1)
         if self.axis == "height":
             y = y.transpose(2, 3)
         return y.contiguous()

@@ -38,7 +38,37 @@ def test_parameter_count_matches_table1(name, paper_millions):
         model = CMTDeepLab(cfg)
     millions = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"{name}: {millions:.2f}M parameters (paper {paper_millions}M)")
-    assert abs(millions - paper_millions) / paper_millions < 0.05
+    # The issue asks for 5%; with DeepLab2's separable heads all three are within 0.1% (the paper
+    # rounds to 0.1M), so a change to any component shows up here.
+    assert abs(millions - paper_millions) / paper_millions < 0.001
+
+
+def test_inference_without_autograd_equals_the_unfolded_network(tiny_synthetic):
+    # No autograd: batch norms folded into convs and the axial attention, activations and residual
+    # adds in place. The result must be the network's ordinary eval-mode output.
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).double().eval()
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+
+    def network():
+        return model.decoder(model.backbone(x))
+
+    with torch.no_grad():
+        fast = network()
+    reference = network()
+    assert reference["pred_masks"].requires_grad
+    for key in ("pred_logits", "pred_masks", "stride4_features"):
+        torch.testing.assert_close(fast[key], reference[key].detach(), rtol=1e-9, atol=1e-9)
+    for a, b in zip(fast["aux_outputs"], reference["aux_outputs"]):
+        torch.testing.assert_close(a["pred_masks"], b["pred_masks"].detach(), rtol=1e-9, atol=1e-9)
 
 
 @pytest.fixture(scope="module")
