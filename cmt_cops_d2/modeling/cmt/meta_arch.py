@@ -10,6 +10,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from .criterion import CMTCriterion
+from .output_resize import OutputResize, ResizedMaps
 from .rfn import RecursiveFeatureNetwork
 from .postprocess import panoptic_inference, semantic_inference
 from .transformer_decoder import CMTDecoder
@@ -133,21 +134,16 @@ class CMTDeepLab(nn.Module):
     def inference(self, outputs: Dict, batched_inputs: List[dict], images: ImageList) -> List[Dict]:
         results = []
         padded = images.tensor.shape[-2:]
-
-        def to_output_size(t, h, w, out_h, out_w):
-            t = F.interpolate(t[None].float(), size=padded, mode="bilinear", align_corners=False)
-            t = t[:, :, :h, :w]
-            if (out_h, out_w) != (h, w):
-                t = F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False)
-            return t[0]
-
         for i, (x, (h, w)) in enumerate(zip(batched_inputs, images.image_sizes)):
             out_h, out_w = x.get("height", h), x.get("width", w)
             cls, masks = outputs["pred_logits"][i], outputs["pred_masks"][i]
+            # Stride 4 -> padded size -> crop -> requested size, band by band: the N x H x W
+            # full-resolution mask logits are never formed.
+            resize = OutputResize(masks.shape[-2:], padded, (h, w), (out_h, out_w), device=masks.device)
             # Semantic scores at the output stride, then upsampled like the mask logits (K x H x W
             # instead of an N x K x H x W product at full resolution).
-            sem_seg = to_output_size(semantic_inference(cls, masks), h, w, out_h, out_w)
-            pan, segments = panoptic_inference(cls, to_output_size(masks, h, w, out_h, out_w),
-                                               self.thing_ids, merge=self.merge, **self.thresholds)
+            sem_seg = resize(semantic_inference(cls, masks))
+            pan, segments = panoptic_inference(cls, ResizedMaps(resize, masks), self.thing_ids,
+                                               merge=self.merge, **self.thresholds)
             results.append({"panoptic_seg": (pan, segments), "sem_seg": sem_seg})
         return results

@@ -13,16 +13,18 @@ Two strategies (``MODEL.CMT.TEST.MERGE``):
   thing / stuff threshold compete; each pixel takes its most likely cluster if that probability exceeds
   ``pixel_threshold``.
 
-Both return ``(panoptic_seg, segments_info)`` with segment ids >= 1 and 0 for void, the format
+Both read the mask logits band by band (:func:`mask_bands`), so at inference the full-resolution
+``N x H x W`` logits are never formed (:class:`~.output_resize.ResizedMaps`). Both return
+``(panoptic_seg, segments_info)`` with segment ids >= 1 and 0 for void, the format
 ``COCOPanopticEvaluator`` and ``Visualizer.draw_panoptic_seg`` accept.
 """
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["semantic_inference", "cluster_candidates", "max_clusters_per_pixel", "mask_wise_merge",
-           "pixel_wise_merge", "panoptic_inference"]
+__all__ = ["semantic_inference", "mask_bands", "top_probabilities", "cluster_candidates", "max_clusters_per_pixel",
+           "mask_wise_merge", "pixel_wise_merge", "panoptic_inference"]
 
 
 def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -56,23 +58,54 @@ def max_clusters_per_pixel(pixel_threshold: float, num_clusters: int) -> int:
     return max(1, min(num_clusters, math.ceil(1.0 / pixel_threshold) - 1))
 
 
-def cluster_candidates(mask_logits: torch.Tensor, pixel_threshold: float
+def mask_bands(mask_logits, max_elements: int = 1 << 22) -> Iterator[Tuple[int, torch.Tensor]]:
+    """Pixel-major ``(start_row, rows x W x N)`` bands of ``mask_logits``: an ``N x H x W`` tensor, or
+    an object with ``.shape`` and ``.bands()`` such as :class:`~.output_resize.ResizedMaps` (the
+    upsampled logits, produced band by band at inference)."""
+    if not isinstance(mask_logits, torch.Tensor):
+        yield from mask_logits.bands()
+        return
+    N, H, W = mask_logits.shape
+    step = max(1, max_elements // max(1, N * W))
+    for start in range(0, H, step):
+        yield start, mask_logits[:, start : start + step].permute(1, 2, 0)
+
+
+def top_probabilities(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest ``softmax(logits, dim=1)`` values of each row and their columns, descending
+    (``P x N`` -> two ``P x k``). For ``k <= 2`` this reuses the softmax's own maximum and
+    exponentials instead of a general top-k (several times faster on CPU)."""
+    if k > 2:
+        top, idx = logits.topk(k, dim=1)
+        return (top - torch.logsumexp(logits, 1, keepdim=True)).exp_(), idx
+    top1, idx1 = logits.max(1, keepdim=True)
+    e = (logits - top1).exp_()                   # exp(l - max): 1 at the maximum
+    total = e.sum(1, keepdim=True)
+    if k == 1:
+        return total.reciprocal_(), idx1
+    e.scatter_(1, idx1, -1.0)                    # remove the maximum, keep the rest
+    e2, idx2 = e.max(1, keepdim=True)
+    return torch.cat([torch.ones_like(e2), e2], 1).div_(total), torch.cat([idx1, idx2], 1)
+
+
+def cluster_candidates(mask_logits, pixel_threshold: float
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sparse form of ``softmax_N(mask_logits) > pixel_threshold``.
 
     Returns ``(cluster, pixel, prob)`` for every (cluster, flattened pixel) pair above the threshold,
     sorted by cluster. Only the top ``max_clusters_per_pixel`` clusters of each pixel can pass, so this
     costs one logsumexp and one top-k over ``N x H x W`` instead of ``N`` dense masks, and the result
-    is exactly the dense thresholding.
+    is exactly the dense thresholding. Works band by band (:func:`mask_bands`).
     """
-    N = mask_logits.shape[0]
-    flat = mask_logits.float().reshape(N, -1)
+    N, _, W = mask_logits.shape
     k = max_clusters_per_pixel(pixel_threshold, N)
-    top, idx = flat.topk(k, dim=0) if k > 1 else flat.max(0, keepdim=True)
-    prob = (top - torch.logsumexp(flat, 0)).exp_()
-    passed = prob > pixel_threshold
-    pixel = torch.arange(flat.shape[1], device=flat.device).expand(k, -1)[passed]
-    cluster, prob = idx[passed], prob[passed]
+    found = []
+    for start, band in mask_bands(mask_logits):
+        prob, idx = top_probabilities(band.float().reshape(-1, N), k)
+        passed = prob > pixel_threshold
+        pixel = torch.arange(start * W, start * W + prob.shape[0], device=prob.device)
+        found.append((idx[passed], pixel[:, None].expand(-1, k)[passed], prob[passed]))
+    cluster, pixel, prob = (torch.cat(t) for t in zip(*found))
     order = torch.argsort(cluster, stable=True)
     return cluster[order], pixel[order], prob[order]
 
@@ -84,7 +117,8 @@ def mask_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing
     """Mask-wise merging.
 
     Args:
-        class_logits: N x K+1 (last = void); mask_logits: N x H x W (softmax over N).
+        class_logits: N x K+1 (last = void); mask_logits: N x H x W (softmax over N), a tensor or
+            band by band (:func:`mask_bands`).
         thing_ids: contiguous ids of thing classes.
     """
     N, H, W = mask_logits.shape
@@ -128,16 +162,18 @@ def pixel_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thin
     if not keep.any():
         return pan, segments
     kept = keep.nonzero()[:, 0]
-    logits = mask_logits.float()[kept].reshape(len(kept), -1)      # softmax over the kept clusters
-    best_logit, best = logits.max(0)
-    best_p = (best_logit - torch.logsumexp(logits, 0)).exp_()
-    assigned = best_p > pixel_threshold
-    best = kept[best]
+    best = torch.full((H * W,), -1, dtype=torch.long, device=mask_logits.device)  # -1: unassigned
+    for start, band in mask_bands(mask_logits):
+        logits = band.float().reshape(-1, N)[:, kept]               # softmax over the kept clusters
+        best_logit, best_band = logits.max(1)
+        best_p = (best_logit - torch.logsumexp(logits, 1)).exp_()
+        best[start * W : start * W + logits.shape[0]] = torch.where(best_p > pixel_threshold,
+                                                                    kept[best_band], -1)
     flat_pan = pan.view(-1)
     stuff_segment = {}
-    for n in torch.unique(best[assigned]).tolist():
-        _paste(flat_pan, segments, stuff_segment, assigned & (best == n), int(labels[n]),
-               bool(isthing[n]), float(scores[n]))
+    for n in torch.unique(best[best >= 0]).tolist():
+        _paste(flat_pan, segments, stuff_segment, best == n, int(labels[n]), bool(isthing[n]),
+               float(scores[n]))
     return pan, segments
 
 

@@ -133,3 +133,35 @@ def test_sparse_mask_wise_merge_equals_dense_masks(pixel_threshold, seed):
 def test_max_clusters_per_pixel(t, k):
     from cmt_cops_d2.modeling.cmt.postprocess import max_clusters_per_pixel
     assert max_clusters_per_pixel(t, 7) == k
+
+
+@pytest.mark.parametrize("merge", ["mask", "pixel"])
+@pytest.mark.parametrize("output", [(30, 37), (45, 20)])
+def test_merges_on_bands_of_resized_logits_equal_merges_on_the_dense_upsampled_logits(merge, output):
+    """Inference resizes the stride-4 logits band by band (ResizedMaps); the merges must give what
+    they give on the full upsampled tensor (F.interpolate to the padded size, crop, resize)."""
+    from cmt_cops_d2.modeling.cmt.output_resize import OutputResize, ResizedMaps
+
+    g = torch.Generator().manual_seed(3)
+    N, padded, image = 12, (32, 40), (30, 37)
+    cls = torch.randn(N, K + 1, generator=g) * 3
+    stride4 = torch.randn(N, 8, 10, generator=g) * 4
+    dense = torch.nn.functional.interpolate(stride4[None], size=padded, mode="bilinear",
+                                            align_corners=False)[:, :, : image[0], : image[1]]
+    if output != image:
+        dense = torch.nn.functional.interpolate(dense, size=output, mode="bilinear",
+                                                align_corners=False)
+    resize = OutputResize((8, 10), padded, image, output, max_elements=N * output[1] * 3)
+    banded = ResizedMaps(resize, stride4)
+    assert len(list(banded.bands())) > 5                          # many bands, 3 rows each
+    args = dict(thing_threshold=0.3, stuff_threshold=0.3, pixel_threshold=0.3)
+    if merge == "mask":
+        args["overlap_threshold"] = 0.6
+    pan, segs = panoptic_inference(cls, banded, thing_ids=[0, 1], merge=merge, **args)
+    ref_pan, ref_segs = panoptic_inference(cls, dense[0], thing_ids=[0, 1], merge=merge, **args)
+    assert len(ref_segs) >= 2
+    assert pan.shape == output and torch.equal(pan, ref_pan)
+    drop_score = [{k: v for k, v in s.items() if k != "score"} for s in segs]
+    assert drop_score == [{k: v for k, v in s.items() if k != "score"} for s in ref_segs]
+    # mask scores are means over the mask: float32 summation order differs
+    assert [s["score"] for s in segs] == pytest.approx([s["score"] for s in ref_segs], rel=1e-5)
