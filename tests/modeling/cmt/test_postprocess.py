@@ -165,3 +165,17 @@ def test_merges_on_bands_of_resized_logits_equal_merges_on_the_dense_upsampled_l
     assert drop_score == [{k: v for k, v in s.items() if k != "score"} for s in ref_segs]
     # mask scores are means over the mask: float32 summation order differs
     assert [s["score"] for s in segs] == pytest.approx([s["score"] for s in ref_segs], rel=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_top_probabilities_equal_softmax_topk(k):
+    from cmt_cops_d2.modeling.cmt.postprocess import top_probabilities
+
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randn(500, 9, generator=g, dtype=torch.float64) * 3
+    logits[0] = 0.0                                      # all tied: any k columns, prob 1/9 each
+    prob, idx = top_probabilities(logits, k)
+    ref_prob, ref_idx = logits.softmax(1).topk(k, dim=1)
+    torch.testing.assert_close(prob, ref_prob, rtol=1e-12, atol=1e-12)
+    assert torch.equal(idx[1:], ref_idx[1:])             # no ties elsewhere
+    assert len(set(idx[0].tolist())) == k                # distinct columns even when tied
