@@ -19,17 +19,12 @@ from cmt_cops_d2.solvers.edgehash import (
 )
 from cmt_cops_d2.solvers.heap import heap_heapify
 
+from .test_amwc import random_grid
 
-def _grid_problem(rng, h, w, k, distances=(1, 3, 8)):
-    yy, xx = np.mgrid[0:h, 0:w]
-    seg = (yy * 3 // h) * 3 + (xx * 3 // w)
-    theta = rng.normal(0.0, 1.0, (h * w, k))
-    theta[np.arange(h * w), (seg % k).reshape(-1)] -= 1.5
-    edges = grid_edges(h, w, distances)
-    s = seg.reshape(-1)
-    costs = np.where(s[edges[:, 0]] == s[edges[:, 1]], 1.0, -1.0) + rng.normal(0.0, 1.0, len(edges))
-    part = np.arange(k) % 2 == 0
-    return theta, edges, costs, part
+
+def _grid_problem(rng, h, w, k):
+    """:func:`random_grid` with the longer edge distances these tests use."""
+    return random_grid(rng, h, w, k, distances=(1, 3, 8))
 
 
 def test_row_stats_matches_numpy():

@@ -162,8 +162,8 @@ class CMTLayer(nn.Module):
         B, _, H, W = F.shape
         h, dk, dv = self.num_heads, self.key_dim // self.num_heads, self.center_dim // self.num_heads
         q = self.center_query(C).view(B, -1, h, dk)                       # B x N x h x dk
-        k = self.pixel_key(F).reshape(B, h, dk, H * W)                       # B x h x dk x HW
-        v = self.pixel_value(F).reshape(B, h, dv, H * W)                     # B x h x dv x HW
+        k = self.pixel_key(F).reshape(B, h, dk, H * W)                    # B x h x dk x HW
+        v = self.pixel_value(F).reshape(B, h, dv, H * W)                  # B x h x dv x HW
         attn = torch.einsum("bnhd,bhdp->bhnp", q, k).float() / math.sqrt(dk)
         attn = attn.softmax(dim=-1).to(v.dtype)                           # softmax over HW
         update = torch.einsum("bhnp,bhdp->bnhd", attn, v).reshape(B, -1, self.center_dim)

@@ -9,9 +9,10 @@ the caller asked for another output size (Detectron2's ``height`` / ``width``), 
 :class:`OutputResize` composes the steps into one separable linear map per axis, ``out = A_h X A_w^T``
 where each row of ``A`` has at most 4 non-zero taps (2 per bilinear step), and produces the output in
 bands of rows, so no full-resolution ``N x H x W`` tensor exists. The bands are pixel-major
-(``rows x W x N``), the layout the per-pixel reductions over clusters read fastest. Each bilinear step uses PyTorch's
-``F.interpolate`` formula: output index ``i`` reads ``src = max((i + 0.5) * in / out - 0.5, 0)``,
-taps ``floor(src)`` and ``min(floor(src) + 1, in - 1)`` with weights ``1 - frac`` and ``frac``.
+(``rows x W x N``), the layout the per-pixel reductions over clusters read fastest. Each bilinear
+step uses PyTorch's ``F.interpolate`` formula: output index ``i`` reads
+``src = max((i + 0.5) * in / out - 0.5, 0)``, taps ``floor(src)`` and ``min(floor(src) + 1, in - 1)``
+with weights ``1 - frac`` and ``frac``.
 """
 from typing import Iterator, Tuple
 
@@ -54,8 +55,7 @@ class OutputResize:
     """
 
     def __init__(self, source, padded, image, output, *, max_elements: int = 1 << 22, device=None):
-        self.source, self.padded = tuple(source), tuple(padded)
-        self.image, self.output = tuple(image), tuple(output)
+        self.output = tuple(output)
         self.max_elements = int(max_elements)
         taps = []
         for axis in (0, 1):
