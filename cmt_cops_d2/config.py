@@ -144,13 +144,17 @@ def add_cmt_config(cfg: CN) -> CN:
     c.USE_COORD_CONV = True            # coord-conv on centers and pixels (eq. 11-12)
     # --- losses ---------------------------------------------------------------------------------
     c.PQ_WEIGHT = 3.0                  # PQ-style loss (MaX-DeepLab)
-    c.PQ_ALPHA = 0.75                  # weight of matched clusters in the PQ-style loss
-    c.PQ_BETA = 0.25                   # weight of unmatched clusters (void class)
+    c.PQ_ALPHA = 0.75                  # weight of matched clusters in the PQ-style loss (and of
+                                       # its mask term, divided by NUM_CLUSTERS), as DeepLab2
+    c.PQ_BETA = 0.25                   # weight of unmatched clusters (void class): DeepLab2's 1 - alpha
     c.MASK_ID_WEIGHT = 0.3             # mask-ID cross-entropy
     c.INSDIS_WEIGHT = 1.0              # instance discrimination
     c.INSDIS_TYPE = "pixel"            # "pixel" (eq. 14, CMT-DeepLab) or "instance" (MaX-DeepLab)
     c.INSDIS_TEMPERATURE = 0.3         # tau of eq. 14 (choice: MaX-DeepLab's 0.3)
     c.INSDIS_NUM_PIXELS = 4096         # |A| sampled pixels, size-balanced (paper: 4096)
+    # Sampling bias towards small masks: a pixel's weight is area^-t (DeepLab2's Gumbel top-k sampling;
+    # choice: its COCO value 1.5; its Cityscapes value 0.6).
+    c.INSDIS_SAMPLE_TEMPERATURE = 1.5
     c.SEMANTIC_WEIGHT = 1.0            # auxiliary semantic segmentation loss
     c.MASK_APPROX_WEIGHT = 1.0         # mask approximation loss (eq. 13; paper: 1.0)
     c.DEEP_SUPERVISION = True          # losses on every CMT layer's clustering result

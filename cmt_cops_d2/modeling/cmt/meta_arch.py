@@ -80,17 +80,18 @@ class CMTDeepLab(nn.Module):
                 decoder, build_backbone(cfg), cls._build_decoder(cfg, shapes, num_classes),
                 stride4_channels=c.DECODER_CHANNELS[-1], res2_channels=shapes["res2"].channels,
                 norm=c.NORM)
-        criterion = CMTCriterion(
-            num_classes, pq_weight=c.PQ_WEIGHT, pq_alpha=c.PQ_ALPHA, pq_beta=c.PQ_BETA,
-            mask_id_weight=c.MASK_ID_WEIGHT, insdis_weight=c.INSDIS_WEIGHT, insdis_type=c.INSDIS_TYPE,
-            insdis_temperature=c.INSDIS_TEMPERATURE, insdis_num_pixels=c.INSDIS_NUM_PIXELS,
-            semantic_weight=c.SEMANTIC_WEIGHT,
-            mask_approx_weight=c.MASK_APPROX_WEIGHT if c.USE_REFERENCE_MASK else 0.0,
-            deep_supervision=c.DEEP_SUPERVISION, share_final_matching=c.SHARE_FINAL_MATCHING)
         thing_ids = []
         if cfg.DATASETS.TRAIN or cfg.DATASETS.TEST:
             meta = MetadataCatalog.get((cfg.DATASETS.TRAIN or cfg.DATASETS.TEST)[0])
             thing_ids = list(getattr(meta, "thing_dataset_id_to_contiguous_id", {}).values())
+        criterion = CMTCriterion(
+            num_classes, pq_weight=c.PQ_WEIGHT, pq_alpha=c.PQ_ALPHA, pq_beta=c.PQ_BETA,
+            mask_id_weight=c.MASK_ID_WEIGHT, insdis_weight=c.INSDIS_WEIGHT, insdis_type=c.INSDIS_TYPE,
+            insdis_temperature=c.INSDIS_TEMPERATURE, insdis_num_pixels=c.INSDIS_NUM_PIXELS,
+            insdis_sample_temperature=c.INSDIS_SAMPLE_TEMPERATURE, semantic_weight=c.SEMANTIC_WEIGHT,
+            mask_approx_weight=c.MASK_APPROX_WEIGHT if c.USE_REFERENCE_MASK else 0.0,
+            deep_supervision=c.DEEP_SUPERVISION, share_final_matching=c.SHARE_FINAL_MATCHING,
+            thing_classes=thing_ids)
         t = c.TEST
         return {
             "backbone": backbone, "decoder": decoder, "criterion": criterion,

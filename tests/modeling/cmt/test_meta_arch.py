@@ -82,8 +82,8 @@ def test_training_step_gives_every_parameter_a_gradient(batch):
     torch.manual_seed(0)
     model = build_model(tiny_cfg()).train()
     losses = model(batch)
-    assert {"loss_pq", "loss_mask_id", "loss_insdis", "loss_sem_seg", "loss_mask_approx",
-            "loss_pq_0", "loss_mask_approx_3"} <= set(losses)
+    assert {"loss_pq_class", "loss_pq_dice", "loss_mask_id", "loss_insdis", "loss_sem_seg",
+            "loss_mask_approx", "loss_pq_class_0", "loss_mask_approx_3"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
@@ -139,7 +139,7 @@ def test_rfn_stacks_two_models_connected_at_stride_4_and_averages_outputs(batch)
     assert sum(p.numel() for p in model.parameters()) == 2 * single + connect
     losses = model(batch)
     # 4 CMT layers per copy, plus the first copy's final output: 9 auxiliary outputs
-    assert "loss_pq_8" in losses and "loss_pq_9" not in losses
+    assert "loss_pq_class_8" in losses and "loss_pq_class_9" not in losses
     sum(losses.values()).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
     # the backbone LR multiplier reaches the second copy's backbone
