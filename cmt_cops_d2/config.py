@@ -166,10 +166,15 @@ def add_cmt_config(cfg: CN) -> CN:
     # --- inference --------------------------------------------------------------------------------
     c.TEST = CN()
     c.TEST.MERGE = "mask"              # "mask" (mask-wise merging, paper default) or "pixel"
-    c.TEST.THING_THRESHOLD = 0.7       # class confidence to keep a thing cluster
+    c.TEST.THING_THRESHOLD = 0.7       # mask-wise merge: class confidence to keep a thing cluster
     c.TEST.STUFF_THRESHOLD = 0.5       # ... a stuff cluster
+    c.TEST.CLASS_THRESHOLD = 0.7       # pixel-wise merge: one class confidence for every cluster
     c.TEST.PIXEL_THRESHOLD = 0.4       # mask probability for a pixel to belong to a cluster
     c.TEST.OVERLAP_THRESHOLD = 0.8     # mask-wise merge: fraction of a mask that must be free
+    # Segments smaller than these (pixels at the network's input resolution) become void, after
+    # either merge (DeepLab2's area limits: 400 / 6400 at 1281, 100 / 1600 at 641; 0 keeps all).
+    c.TEST.THING_AREA_LIMIT = 100
+    c.TEST.STUFF_AREA_LIMIT = 1600
 
     # Mask-transformer training crops (MaskTransformerPanopticMapper): the crop size (paper: 641 or
     # 1281) and the random scale of it (choice: MaX-DeepLab's [0.5, 1.5]).

@@ -27,6 +27,7 @@ def test_without_augmentation_masks_are_the_png_segments(record):
         assert c == s["category_id"]
         assert torch.equal(m, torch.from_numpy(pan == s["id"]))
     assert out["image"].shape == (3,) + pan.shape
+    assert out["padding_mask"].shape == pan.shape and not out["padding_mask"].any()
 
 
 def test_scale_crop_pad_keeps_masks_disjoint_and_padding_void(record):
@@ -40,6 +41,25 @@ def test_scale_crop_pad_keeps_masks_disjoint_and_padding_void(record):
     assert masks.sum(0).max() <= 1                                 # disjoint
     assert not masks[:, 60:, :].any() and not masks[:, :, 60:].any()   # 64x80 scaled by <=0.6 -> padding
     assert (out["image"][:, 60:, :] == 0).all()
+    # the padding mask is exactly the padded region: rows / columns beyond the scaled image
+    h = int((out["padding_mask"].logical_not().any(1)).sum())
+    w = int((out["padding_mask"].logical_not().any(0)).sum())
+    expected = torch.ones(96, 96, dtype=torch.bool)
+    expected[:h, :w] = False
+    assert torch.equal(out["padding_mask"], expected) and 30 <= h < 60 and 40 <= w < 60
+
+
+def test_padding_mask_follows_the_flip(record):
+    """A horizontal flip after the pad moves the padding to the left; the mask moves with it."""
+    np.random.seed(0)
+    mapper = MaskTransformerPanopticMapper(
+        augmentations=[T.ResizeScale(0.5, 0.5, 96, 96), T.FixedSizeCrop((96, 96), pad=True, pad_value=0.0),
+                       T.RandomFlip(prob=1.0)], image_format="RGB")
+    out = mapper(copy.deepcopy(record))
+    pad = out["padding_mask"]
+    h, w = 38, 48                                  # 64 x 80 scaled by min(48 / 64, 48 / 80) = 0.6
+    assert pad[:, : 96 - w].all() and not pad[:h, 96 - w :].any() and pad[h:, :].all()
+    assert (out["image"][:, pad] == 0).all()
 
 
 def test_crowd_segments_are_void(record):

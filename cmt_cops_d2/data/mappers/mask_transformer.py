@@ -1,7 +1,10 @@
 """Training mapper for mask-transformer models (CMT-DeepLab): image + one binary mask per segment.
 
 Augmentation (MaX-DeepLab / CMT-DeepLab training): random scale of the target crop size, random crop of
-that size (padding smaller images at the bottom / right), horizontal flip. Targets are Detectron2
+that size (padding smaller images at the bottom / right), horizontal flip. The padded pixels are
+returned as ``padding_mask`` (H x W bool, True on padding): the model sets them to the pixel mean
+after normalisation, as it pads at inference (DeepLab2 pads with the mean in training and inference).
+Targets are Detectron2
 ``Instances`` with ``gt_classes`` (contiguous ids) and ``gt_masks`` (G x H x W bool) for every non-crowd
 segment visible in the crop, stuff included; crowd regions, unlabelled pixels and padding belong to no
 mask (void). The model samples the masks at its output stride.
@@ -55,7 +58,7 @@ class MaskTransformerPanopticMapper:
         segments = [s for s in dataset_dict.pop("segments_info") if not s.get("iscrowd", 0)]
         for _ in range(self.max_crop_tries):
             aug_input = T.AugInput(image, sem_seg=pan_rgb)
-            self.augmentations(aug_input)
+            transforms = self.augmentations(aug_input)
             pan = rgb2id(aug_input.sem_seg)
             masks = [pan == s["id"] for s in segments]
             keep = [i for i, m in enumerate(masks) if m.any()]
@@ -63,6 +66,9 @@ class MaskTransformerPanopticMapper:
                 break
         crop = aug_input.image
         dataset_dict["image"] = torch.as_tensor(np.ascontiguousarray(crop.transpose(2, 0, 1)))
+        # Padding is 0 in a transformed all-ones map (segmentations are padded with 0).
+        real = transforms.apply_segmentation(np.ones(image.shape[:2], dtype=np.uint8))
+        dataset_dict["padding_mask"] = torch.from_numpy(np.ascontiguousarray(real == 0))
         instances = Instances(crop.shape[:2])
         instances.gt_classes = torch.tensor([segments[i]["category_id"] for i in keep], dtype=torch.int64)
         if keep:

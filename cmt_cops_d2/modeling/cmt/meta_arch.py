@@ -1,5 +1,7 @@
 """``CMTDeepLab``: the CMT-DeepLab meta-architecture (Detectron2 ``META_ARCH_REGISTRY``)."""
-from typing import Dict, List
+import math
+from collections import defaultdict
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +34,14 @@ def downsample_masks(masks: torch.Tensor, stride: int = OUTPUT_STRIDE) -> torch.
 class CMTDeepLab(nn.Module):
     """Backbone (Axial-ResNet) -> CMT decoder -> cluster classes and masks; losses in training,
     Detectron2 ``panoptic_seg`` and ``sem_seg`` at inference. Accepts any input size: images are padded
-    to ``size_divisibility`` and the outputs cropped back."""
+    to ``size_divisibility`` with the pixel mean and the outputs cropped back. At inference, images that
+    pad to different sizes run as separate batches, so an image's result does not depend on the other
+    images of its batch (the padding would change its attention and coordinates)."""
 
     @configurable
     def __init__(self, *, backbone: nn.Module, decoder: nn.Module, criterion: CMTCriterion,
                  pixel_mean, pixel_std, size_divisibility: int, thing_ids, merge: str,
-                 thresholds: Dict[str, float]):
+                 thresholds: Dict[str, float], area_limits: Tuple[float, float] = (0, 0)):
         super().__init__()
         # With RFN, ``decoder`` is a RecursiveFeatureNetwork: the first copy's decoder plus the whole
         # second copy.
@@ -48,6 +52,7 @@ class CMTDeepLab(nn.Module):
         self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0))
         self.thing_ids = list(thing_ids)
         self.merge, self.thresholds = merge, dict(thresholds)
+        self.area_limits = tuple(area_limits)
 
     @classmethod
     def _build_decoder(cls, cfg, shapes, num_classes) -> CMTDecoder:
@@ -98,8 +103,9 @@ class CMTDeepLab(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": c.SIZE_DIVISIBILITY, "thing_ids": thing_ids, "merge": t.MERGE,
             "thresholds": {"thing_threshold": t.THING_THRESHOLD, "stuff_threshold": t.STUFF_THRESHOLD,
-                           "pixel_threshold": t.PIXEL_THRESHOLD,
+                           "class_threshold": t.CLASS_THRESHOLD, "pixel_threshold": t.PIXEL_THRESHOLD,
                            "overlap_threshold": t.OVERLAP_THRESHOLD},
+            "area_limits": (t.THING_AREA_LIMIT, t.STUFF_AREA_LIMIT),
         }
 
     @property
@@ -119,17 +125,45 @@ class CMTDeepLab(nn.Module):
             targets.append({"labels": inst.gt_classes, "masks": downsample_masks(padded)})
         return targets
 
+    def normalized_images(self, batched_inputs: List[dict]) -> List[torch.Tensor]:
+        """``(image - mean) / std``; pixels a mapper marked as padding (``padding_mask``, True on
+        padding) become 0, the pixel mean, like the padding added here."""
+        images = []
+        for x in batched_inputs:
+            image = (x["image"].to(self.device) - self.pixel_mean) / self.pixel_std
+            if "padding_mask" in x:
+                image = image.masked_fill(x["padding_mask"].to(self.device), 0.0)
+            images.append(image)
+        return images
+
+    def network(self, images: torch.Tensor) -> Dict:
+        features = self.backbone(images)
+        return self.decoder(images, features) if self.rfn else self.decoder(features)
+
+    def padded_size(self, image: torch.Tensor) -> Tuple[int, int]:
+        d = max(self.size_divisibility, 1)
+        return tuple(int(math.ceil(n / d) * d) for n in image.shape[-2:])
+
     def forward(self, batched_inputs: List[dict]):
-        images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
-        features = self.backbone(images.tensor)
-        outputs = self.decoder(images.tensor, features) if self.rfn else self.decoder(features)
+        images = self.normalized_images(batched_inputs)
         if self.training:
             if "instances" not in batched_inputs[0]:
                 raise ValueError("CMTDeepLab training needs 'instances' (gt_classes, gt_masks) in each "
                                  "input; use INPUT.DATASET_MAPPER_NAME mask_transformer_panoptic")
-            return self.criterion(outputs, self.prepare_targets(batched_inputs, images.tensor.shape[-2:]))
-        return self.inference(outputs, batched_inputs, images)
+            batch = ImageList.from_tensors(images, self.size_divisibility)
+            outputs = self.network(batch.tensor)
+            return self.criterion(outputs, self.prepare_targets(batched_inputs, batch.tensor.shape[-2:]))
+        groups = defaultdict(list)
+        for i, image in enumerate(images):
+            groups[self.padded_size(image)].append(i)
+        results = [None] * len(images)
+        for members in groups.values():
+            batch = ImageList.from_tensors([images[i] for i in members], self.size_divisibility)
+            group_results = self.inference(self.network(batch.tensor),
+                                           [batched_inputs[i] for i in members], batch)
+            for i, result in zip(members, group_results):
+                results[i] = result
+        return results
 
     @torch.no_grad()
     def inference(self, outputs: Dict, batched_inputs: List[dict], images: ImageList) -> List[Dict]:
@@ -144,7 +178,11 @@ class CMTDeepLab(nn.Module):
             # Semantic scores at the output stride, then upsampled like the mask logits (K x H x W
             # instead of an N x K x H x W product at full resolution).
             sem_seg = resize(semantic_inference(cls, masks))
-            pan, segments = panoptic_inference(cls, ResizedMaps(resize, masks), self.thing_ids,
-                                               merge=self.merge, **self.thresholds)
+            # Area limits are in pixels at the network's input resolution (DeepLab2).
+            scale = (out_h * out_w) / max(h * w, 1)
+            pan, segments = panoptic_inference(
+                cls, ResizedMaps(resize, masks), self.thing_ids, merge=self.merge,
+                thing_area_limit=self.area_limits[0] * scale, stuff_area_limit=self.area_limits[1] * scale,
+                **self.thresholds)
             results.append({"panoptic_seg": (pan, segments), "sem_seg": sem_seg})
         return results

@@ -9,9 +9,15 @@ Two strategies (``MODEL.CMT.TEST.MERGE``):
   of the same class become one segment. The masks are kept sparse (:func:`cluster_candidates`): at most
   two clusters can pass the default threshold 0.4 at a pixel, so the merge never builds ``N`` dense
   ``H x W`` masks (at 1281 x 1281 that is 128 x 1.6M pixels).
-* ``"pixel"``, per-pixel argmax (MaX-DeepLab): only clusters whose class confidence passes the
-  thing / stuff threshold compete; each pixel takes its most likely cluster if that probability exceeds
-  ``pixel_threshold``.
+* ``"pixel"``, per-pixel argmax (MaX-DeepLab, as DeepLab2's ``pixelwise`` post-processor): clusters
+  whose class confidence reaches ``class_threshold`` (one threshold for things and stuff) are kept;
+  a pixel takes its most likely kept cluster if that cluster is also its most likely cluster among
+  *all* clusters (a pixel won by a dropped cluster stays void) and its probability among the kept
+  clusters exceeds ``pixel_threshold``; stuff clusters of the same class become one segment.
+
+After either merge, :func:`filter_small_segments` voids thing segments smaller than
+``thing_area_limit`` pixels and stuff segments smaller than ``stuff_area_limit`` (DeepLab2's area
+limits; 0 keeps every segment).
 
 Both read the mask logits band by band (:func:`mask_bands`), so at inference the full-resolution
 ``N x H x W`` logits are never formed (:class:`~.output_resize.ResizedMaps`). Both return
@@ -24,7 +30,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import torch
 
 __all__ = ["semantic_inference", "mask_bands", "top_probabilities", "cluster_candidates", "max_clusters_per_pixel",
-           "mask_wise_merge", "pixel_wise_merge", "panoptic_inference"]
+           "mask_wise_merge", "pixel_wise_merge", "filter_small_segments", "panoptic_inference"]
 
 
 def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
@@ -147,28 +153,34 @@ def mask_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing
 
 
 def pixel_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing_ids: Sequence[int],
-                     thing_threshold: float = 0.7, stuff_threshold: float = 0.5,
-                     pixel_threshold: float = 0.4) -> Tuple[torch.Tensor, List[Dict]]:
-    """Per-pixel argmax over the confident clusters (MaX-DeepLab)."""
+                     class_threshold: float = 0.7, pixel_threshold: float = 0.4
+                     ) -> Tuple[torch.Tensor, List[Dict]]:
+    """Per-pixel argmax over the confident clusters (MaX-DeepLab; DeepLab2's ``pixelwise``).
+
+    A cluster is kept when its class confidence (max over the non-void classes of the softmax over
+    all K+1) is ``>= class_threshold``. A pixel is assigned to ``argmax`` over the kept clusters' logits
+    when (1) that cluster also has the largest logit over all clusters and (2) its softmax
+    probability among the kept clusters is ``> pixel_threshold``; otherwise it is void.
+    """
     N, H, W = mask_logits.shape
     class_prob = class_logits.float().softmax(-1)
     scores, labels = class_prob[:, :-1].max(-1)
     things = torch.tensor(sorted(set(int(t) for t in thing_ids)), dtype=torch.long,
                           device=labels.device)
     isthing = torch.isin(labels, things)
-    keep = scores >= torch.where(isthing, torch.full_like(scores, thing_threshold),
-                                 torch.full_like(scores, stuff_threshold))
+    keep = scores >= class_threshold
     pan, segments = _empty(H, W, mask_logits.device)
     if not keep.any():
         return pan, segments
     kept = keep.nonzero()[:, 0]
-    best = torch.full((H * W,), -1, dtype=torch.long, device=mask_logits.device)  # -1: unassigned
+    best = torch.full((H * W,), -1, dtype=torch.long, device=mask_logits.device)  # -1: void
     for start, band in mask_bands(mask_logits):
-        logits = band.float().reshape(-1, N)[:, kept]               # softmax over the kept clusters
-        best_logit, best_band = logits.max(1)
-        best_p = (best_logit - torch.logsumexp(logits, 1)).exp_()
-        best[start * W : start * W + logits.shape[0]] = torch.where(best_p > pixel_threshold,
-                                                                    kept[best_band], -1)
+        logits = band.float().reshape(-1, N)
+        kept_logits = logits[:, kept]                                  # softmax over the kept clusters
+        best_logit, best_band = kept_logits.max(1)
+        best_p = (best_logit - torch.logsumexp(kept_logits, 1)).exp_()
+        won = (best_p > pixel_threshold) & (best_logit == logits.max(1).values)
+        best[start * W : start * W + logits.shape[0]] = torch.where(won, kept[best_band], -1)
     flat_pan = pan.view(-1)
     stuff_segment = {}
     for n in torch.unique(best[best >= 0]).tolist():
@@ -177,12 +189,37 @@ def pixel_wise_merge(class_logits: torch.Tensor, mask_logits: torch.Tensor, thin
     return pan, segments
 
 
+def filter_small_segments(pan: torch.Tensor, segments: List[Dict], thing_area_limit: float = 0,
+                          stuff_area_limit: float = 0) -> Tuple[torch.Tensor, List[Dict]]:
+    """Void every thing segment with fewer than ``thing_area_limit`` pixels and every stuff segment
+    (all pixels of its class) with fewer than ``stuff_area_limit`` (DeepLab2's ``_filter_by_count``:
+    a segment of exactly the limit is kept). ``pan`` is changed in place."""
+    if not segments or (thing_area_limit <= 0 and stuff_area_limit <= 0):
+        return pan, segments
+    area = torch.bincount(pan.view(-1).long(), minlength=len(segments) + 1)
+    kept = []
+    for seg in segments:
+        limit = thing_area_limit if seg["isthing"] else stuff_area_limit
+        if area[seg["id"]] < limit:
+            pan[pan == seg["id"]] = 0
+        else:
+            kept.append(seg)
+    return pan, kept
+
+
 def panoptic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor, thing_ids: Sequence[int],
-                       merge: str = "mask", **thresholds) -> Tuple[torch.Tensor, List[Dict]]:
-    """Dispatch to :func:`mask_wise_merge` (``merge="mask"``) or :func:`pixel_wise_merge` (``"pixel"``)."""
+                       merge: str = "mask", thing_threshold: float = 0.7, stuff_threshold: float = 0.5,
+                       class_threshold: float = 0.7, pixel_threshold: float = 0.4,
+                       overlap_threshold: float = 0.8, thing_area_limit: float = 0,
+                       stuff_area_limit: float = 0) -> Tuple[torch.Tensor, List[Dict]]:
+    """:func:`mask_wise_merge` (``merge="mask"``) or :func:`pixel_wise_merge` (``"pixel"``), then
+    :func:`filter_small_segments`."""
     if merge == "mask":
-        return mask_wise_merge(class_logits, mask_logits, thing_ids, **thresholds)
-    if merge == "pixel":
-        thresholds.pop("overlap_threshold", None)
-        return pixel_wise_merge(class_logits, mask_logits, thing_ids, **thresholds)
-    raise ValueError(f"MODEL.CMT.TEST.MERGE={merge!r}: use 'mask' or 'pixel'")
+        pan, segments = mask_wise_merge(class_logits, mask_logits, thing_ids, thing_threshold,
+                                        stuff_threshold, pixel_threshold, overlap_threshold)
+    elif merge == "pixel":
+        pan, segments = pixel_wise_merge(class_logits, mask_logits, thing_ids, class_threshold,
+                                         pixel_threshold)
+    else:
+        raise ValueError(f"MODEL.CMT.TEST.MERGE={merge!r}: use 'mask' or 'pixel'")
+    return filter_small_segments(pan, segments, thing_area_limit, stuff_area_limit)

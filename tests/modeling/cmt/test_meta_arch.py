@@ -123,6 +123,39 @@ def test_inference_any_size_including_smaller_than_the_stride():
     assert out[1]["panoptic_seg"][0].shape == (20, 30)
 
 
+def test_a_mixed_size_batch_gives_each_image_its_single_image_result(tiny_synthetic):
+    """Zero padding to the batch's largest image changes a small image's attention and coordinates;
+    images that pad to different sizes therefore run separately."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("MODEL.CMT.TEST.THING_THRESHOLD", "0.0", "MODEL.CMT.TEST.STUFF_THRESHOLD", "0.0",
+                   "MODEL.CMT.TEST.THING_AREA_LIMIT", "0", "MODEL.CMT.TEST.STUFF_AREA_LIMIT", "0",
+                   "MODEL.CMT.TEST.PIXEL_THRESHOLD", "0.0")
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    small = {"image": torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8, generator=g)}
+    large = {"image": torch.randint(0, 255, (3, 128, 128), dtype=torch.uint8, generator=g)}
+    same = {"image": torch.randint(0, 255, (3, 60, 90), dtype=torch.uint8, generator=g)}  # pads to 64 x 96
+    with torch.no_grad():
+        together = model([small, large, same])
+        alone = [model([x])[0] for x in (small, large, same)]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a["sem_seg"], b["sem_seg"], rtol=1e-5, atol=1e-6)
+        assert torch.equal(a["panoptic_seg"][0], b["panoptic_seg"][0])
+    assert len(alone[0]["panoptic_seg"][1]) > 0
+
+
+def test_mapper_padding_becomes_the_pixel_mean(tiny_synthetic):
+    model = build_model(tiny_cfg())
+    image = torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8)
+    pad = torch.zeros(8, 8, dtype=torch.bool)
+    pad[5:] = True
+    pad[:, 6:] = True
+    out = model.normalized_images([{"image": image, "padding_mask": pad}])[0]
+    expected = (image.float() - model.pixel_mean) / model.pixel_std
+    assert (out[:, pad] == 0).all()
+    torch.testing.assert_close(out[:, ~pad], expected[:, ~pad])
+
+
 def test_output_is_accepted_by_coco_panoptic_evaluator(tiny_synthetic, tmp_path):
     cfg = tiny_cfg("MODEL.CMT.TEST.THING_THRESHOLD", "0.0", "MODEL.CMT.TEST.STUFF_THRESHOLD", "0.0")
     model = build_model(cfg).eval()

@@ -67,6 +67,85 @@ def test_mask_wise_drops_a_cluster_whose_mask_is_mostly_taken():
     assert sorted(s["category_id"] for s in segs) == [0, 2]
 
 
+def _deeplab2_pixelwise(cls, logits, class_threshold, pixel_threshold):
+    """DeepLab2's pixelwise mask-ID map, written pixel by pixel from its formulas: dropped clusters'
+    logits become -99999; confidence = max softmax of the masked logits; a pixel is kept if that
+    exceeds the pixel threshold and the masked maximum equals the unmasked maximum."""
+    prob = cls.softmax(-1)[:, :-1]
+    keep = prob.max(-1).values >= class_threshold
+    N, H, W = logits.shape
+    ids = torch.full((H, W), -1, dtype=torch.long)
+    for y in range(H):
+        for x in range(W):
+            v = logits[:, y, x]
+            masked = torch.where(keep, v, torch.full_like(v, -99999.0))
+            conf = masked.softmax(0).max()
+            if conf > pixel_threshold and masked.max() == v.max():
+                ids[y, x] = int(masked.argmax())
+    return ids
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pixel_wise_merge_equals_deeplab2s_rule(seed):
+    g = torch.Generator().manual_seed(seed)
+    N, H, W = 9, 7, 8
+    cls = torch.randn(N, K + 1, generator=g) * 3
+    logits = torch.randn(N, H, W, generator=g) * 2
+    expected = _deeplab2_pixelwise(cls, logits, 0.5, 0.4)
+    assert (expected >= 0).any() and (expected < 0).any()
+    pan, segs = panoptic_inference(cls, logits, thing_ids=[0, 1], merge="pixel", class_threshold=0.5,
+                                   pixel_threshold=0.4)
+    assert torch.equal(pan == 0, expected < 0)
+    labels = cls.softmax(-1)[:, :-1].argmax(-1)
+    by_id = {s["id"]: s for s in segs}
+    for y in range(H):
+        for x in range(W):
+            if expected[y, x] >= 0:
+                seg = by_id[int(pan[y, x])]
+                assert seg["category_id"] == int(labels[expected[y, x]])
+    # thing pixels of the same cluster form one segment; different thing clusters different segments
+    thing_pixels = [(int(expected[y, x]), int(pan[y, x])) for y in range(H) for x in range(W)
+                    if expected[y, x] >= 0 and by_id[int(pan[y, x])]["isthing"]]
+    assert len(set(thing_pixels)) == len({c for c, _ in thing_pixels}) == len({i for _, i in thing_pixels})
+
+
+def test_pixel_won_by_a_dropped_cluster_stays_void():
+    """Column 0: cluster 1 (class confidence 0.5, dropped) has the largest logit; among the kept
+    clusters cluster 0 would win with probability 1. DeepLab2 leaves the pixel void."""
+    cls = _cls((0, 0.9), (1, 0.5))
+    logits = torch.tensor([[[2.0, 5.0]], [[3.0, 0.0]]])
+    pan, segs = panoptic_inference(cls, logits, thing_ids=[0, 1], merge="pixel")
+    assert pan.tolist() == [[0, 1]] and [s["category_id"] for s in segs] == [0]
+
+
+def test_pixel_wise_merge_uses_one_class_threshold_for_things_and_stuff():
+    """A stuff cluster with confidence 0.6 passes the mask-wise stuff threshold (0.5) but not the
+    pixel-wise class threshold (0.7)."""
+    cls = _cls((2, 0.6))
+    masks = _masks((slice(None), slice(None)))
+    assert panoptic_inference(cls, masks, thing_ids=[0, 1], merge="pixel")[1] == []
+    assert len(panoptic_inference(cls, masks, thing_ids=[0, 1], merge="mask")[1]) == 1
+    assert len(panoptic_inference(cls, masks, thing_ids=[0, 1], merge="pixel",
+                                  class_threshold=0.6)[1]) == 1
+
+
+@pytest.mark.parametrize("merge", ["mask", "pixel"])
+def test_area_limits_void_small_segments(merge):
+    """A 2-pixel thing and a 4-pixel stuff region made of two clusters of the same class (merged
+    before the limit applies); a segment of exactly the limit is kept (DeepLab2's count > limit - 0.5)."""
+    cls = _cls((0, 0.9), (2, 0.9), (2, 0.9), (1, 0.9))
+    masks = _masks((0, slice(0, 2)), (1, slice(0, 2)), (2, slice(0, 2)), (slice(None), slice(2, 6)))
+    _, segs = panoptic_inference(cls, masks, thing_ids=[0, 1], merge=merge)
+    assert sorted((s["category_id"], s["isthing"]) for s in segs) == [(0, True), (1, True), (2, False)]
+    pan, segs = panoptic_inference(cls, masks, thing_ids=[0, 1], merge=merge, thing_area_limit=3,
+                                   stuff_area_limit=5)
+    assert sorted(s["category_id"] for s in segs) == [1]
+    assert (pan[:3, :2] == 0).all() and (pan[:, 2:] == segs[0]["id"]).all()
+    pan, segs = panoptic_inference(cls, masks, thing_ids=[0, 1], merge=merge, thing_area_limit=2,
+                                   stuff_area_limit=4)
+    assert sorted(s["category_id"] for s in segs) == [0, 1, 2]
+
+
 def test_semantic_inference_is_class_prob_weighted_masks():
     torch.manual_seed(0)
     cls, masks = torch.randn(5, K + 1), torch.randn(5, 3, 4)
@@ -154,7 +233,7 @@ def test_merges_on_bands_of_resized_logits_equal_merges_on_the_dense_upsampled_l
     resize = OutputResize((8, 10), padded, image, output, max_elements=N * output[1] * 3)
     banded = ResizedMaps(resize, stride4)
     assert len(list(banded.bands())) > 5                          # many bands, 3 rows each
-    args = dict(thing_threshold=0.3, stuff_threshold=0.3, pixel_threshold=0.3)
+    args = dict(thing_threshold=0.3, stuff_threshold=0.3, class_threshold=0.3, pixel_threshold=0.3)
     if merge == "mask":
         args["overlap_threshold"] = 0.6
     pan, segs = panoptic_inference(cls, banded, thing_ids=[0, 1], merge=merge, **args)
