@@ -116,20 +116,30 @@ def add_cmt_config(cfg: CN) -> CN:
     # N cluster centers (object queries) and their width.
     c.NUM_CLUSTERS = 128
     c.CENTER_DIM = 256
-    # Heads of the axial, cross- and center self-attention.
+    # Heads of the decoder's axial attention and of the dual-path transformer layers' attention.
     c.NUM_HEADS = 8
-    # Depth of the CMT layer's queries / keys (assignment and cross-attention) (choice: MaX's 128).
+    # The three parts after the backbone, each from its registry (MODEL.SEM_SEG_HEAD.NAME: "CMTHead").
+    c.TRANSFORMER_DECODER_NAME = "CMTTransformerDecoder"
+    c.PIXEL_DECODER_NAME = "CMTPixelDecoder"
+    c.PREDICTOR_NAME = "MaXPredictor"
+    # Widths of each dual-path transformer layer (MaX-DeepLab's): the bottleneck it works at, the
+    # query / key depth (also of the assignment, eq. 6) and the value depth, over all heads.
+    c.BOTTLENECK_DIM = 256
     c.KEY_DIM = 128
+    c.VALUE_DIM = 256
     # M reference points per cluster center (eq. 9-10; paper: 8).
     c.NUM_POINTS = 8
+    # Hidden width of the reference-mask MLP (eq. 9) (choice: MaX-DeepLab's FFN width; with it the
+    # location parts cost 3.8M, Table 2c: 3.9M).
+    c.REF_MLP_DIM = 2048
     # Center FFN width (MaX-DeepLab: 2048).
     c.FFN_DIM = 2048
     # Dual-path axial-transformer blocks at stage 5 (stride 32) and stage 4 (stride 16): 3 + 3.
     c.STAGE_BLOCKS = [3, 3]
-    # Pixel decoder width at stride 8 and 4 (choice).
+    # Pixel decoder width at stride 8 and 4 (MaX-DeepLab's: 512, 256).
     c.DECODER_CHANNELS = [512, 256]
-    # Depth of the final (stride-4) assignment keys / queries and of the pixel features used by the
-    # instance discrimination loss (MaX-DeepLab: 128).
+    # Depth of the pixel features and mask kernels of the final (stride-4) mask logits, also the
+    # features the instance discrimination loss reads (MaX-DeepLab: 128).
     c.MASK_DIM = 128
     # Drop-path rate of the last dual-path block (linear from 0; paper: 0.2).
     c.DROP_PATH_RATE = 0.2

@@ -72,8 +72,7 @@ def count_flops(model, image):
             self.m = m
 
         def forward(self, x):
-            outputs = self.m.decoder(self.m.backbone(x)) if hasattr(self.m, "decoder") else \
-                self.m.backbone(x)
+            outputs = self.m.network(x) if hasattr(self.m, "network") else self.m.backbone(x)
             return outputs["pred_masks"] if isinstance(outputs, dict) and "pred_masks" in outputs \
                 else list(outputs.values())[0]
 

@@ -7,15 +7,14 @@ import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.structures import ImageList
 from torch import nn
 
 from .criterion import CMTCriterion
 from .output_resize import OutputResize, ResizedMaps
-from .rfn import RecursiveFeatureNetwork
 from .postprocess import panoptic_inference, semantic_inference
-from .transformer_decoder import CMTDecoder
+from .rfn import RecursiveFeatureNetwork
 
 __all__ = ["CMTDeepLab", "downsample_masks"]
 
@@ -39,14 +38,13 @@ class CMTDeepLab(nn.Module):
     images of its batch (the padding would change its attention and coordinates)."""
 
     @configurable
-    def __init__(self, *, backbone: nn.Module, decoder: nn.Module, criterion: CMTCriterion,
+    def __init__(self, *, backbone: nn.Module, sem_seg_head: nn.Module, criterion: CMTCriterion,
                  pixel_mean, pixel_std, size_divisibility: int, thing_ids, merge: str,
                  thresholds: Dict[str, float], area_limits: Tuple[float, float] = (0, 0)):
         super().__init__()
-        # With RFN, ``decoder`` is a RecursiveFeatureNetwork: the first copy's decoder plus the whole
-        # second copy.
-        self.backbone, self.decoder, self.criterion = backbone, decoder, criterion
-        self.rfn = isinstance(decoder, RecursiveFeatureNetwork)
+        # ``sem_seg_head`` is a CMTHead, or with RFN a RecursiveFeatureNetwork (the first copy's head
+        # plus the whole second copy); both are called as ``sem_seg_head(features, images)``.
+        self.backbone, self.sem_seg_head, self.criterion = backbone, sem_seg_head, criterion
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.size_divisibility = max(size_divisibility, getattr(backbone, "size_divisibility", 0))
@@ -55,36 +53,19 @@ class CMTDeepLab(nn.Module):
         self.area_limits = tuple(area_limits)
 
     @classmethod
-    def _build_decoder(cls, cfg, shapes, num_classes) -> CMTDecoder:
-        c = cfg.MODEL.CMT
-        switches = dict(use_cluster_update=c.USE_CLUSTER_UPDATE,
-                        use_assignment_residual=c.USE_ASSIGNMENT_RESIDUAL,
-                        use_pixel_update=c.USE_PIXEL_UPDATE, use_reference_mask=c.USE_REFERENCE_MASK,
-                        use_coord_conv=c.USE_COORD_CONV)
-        return CMTDecoder(
-            {k: v.channels for k, v in shapes.items()}, num_classes=num_classes,
-            num_clusters=c.NUM_CLUSTERS, center_dim=c.CENTER_DIM, num_heads=c.NUM_HEADS,
-            cmt_key_dim=c.KEY_DIM, num_points=c.NUM_POINTS, ffn_dim=c.FFN_DIM,
-            stage_blocks=tuple(c.STAGE_BLOCKS), decoder_channels=tuple(c.DECODER_CHANNELS),
-            mask_dim=c.MASK_DIM, norm=c.NORM, activation=c.ACTIVATION, drop_path=c.DROP_PATH_RATE,
-            max_span=cfg.MODEL.AXIAL_RESNET.MAX_SPAN, switches=switches)
-
-    @classmethod
     def from_config(cls, cfg):
         backbone = build_backbone(cfg)
         c = cfg.MODEL.CMT
         num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
         shapes = backbone.output_shape()
-        missing = {"res2", "res3", "res4", "res5"} - set(shapes)
-        if missing:
-            raise ValueError(f"CMTDeepLab needs backbone features res2..res5; {sorted(missing)} are "
-                             "missing (MODEL.AXIAL_RESNET.OUT_FEATURES)")
-        decoder = cls._build_decoder(cfg, shapes, num_classes)
+        head = build_sem_seg_head(cfg, shapes)
+        if not hasattr(head, "stride4_channels"):
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.NAME={cfg.MODEL.SEM_SEG_HEAD.NAME!r} is not a CMT-DeepLab "
+                             "head; set it to 'CMTHead'")
         if c.RFN:
-            decoder = RecursiveFeatureNetwork(
-                decoder, build_backbone(cfg), cls._build_decoder(cfg, shapes, num_classes),
-                stride4_channels=c.DECODER_CHANNELS[-1], res2_channels=shapes["res2"].channels,
-                norm=c.NORM)
+            head = RecursiveFeatureNetwork(
+                head, build_backbone(cfg), build_sem_seg_head(cfg, shapes),
+                stride4_channels=head.stride4_channels, res2_channels=shapes["res2"].channels, norm=c.NORM)
         thing_ids = []
         if cfg.DATASETS.TRAIN or cfg.DATASETS.TEST:
             meta = MetadataCatalog.get((cfg.DATASETS.TRAIN or cfg.DATASETS.TEST)[0])
@@ -99,7 +80,7 @@ class CMTDeepLab(nn.Module):
             thing_classes=thing_ids)
         t = c.TEST
         return {
-            "backbone": backbone, "decoder": decoder, "criterion": criterion,
+            "backbone": backbone, "sem_seg_head": head, "criterion": criterion,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN, "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": c.SIZE_DIVISIBILITY, "thing_ids": thing_ids, "merge": t.MERGE,
             "thresholds": {"thing_threshold": t.THING_THRESHOLD, "stuff_threshold": t.STUFF_THRESHOLD,
@@ -137,8 +118,7 @@ class CMTDeepLab(nn.Module):
         return images
 
     def network(self, images: torch.Tensor) -> Dict:
-        features = self.backbone(images)
-        return self.decoder(images, features) if self.rfn else self.decoder(features)
+        return self.sem_seg_head(self.backbone(images), images)
 
     def padded_size(self, image: torch.Tensor) -> Tuple[int, int]:
         d = max(self.size_divisibility, 1)

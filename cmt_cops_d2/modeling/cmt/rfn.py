@@ -36,29 +36,27 @@ def run_backbone_with_injection(backbone: nn.Module, x: torch.Tensor, inject: to
 
 
 class RecursiveFeatureNetwork(nn.Module):
-    """The first copy's decoder and the whole second copy; ``forward(images, features)`` takes the
-    first backbone's features (the meta-architecture owns that backbone) and returns the averaged
-    output dict."""
+    """The first copy's head and the whole second copy, called like a single network's head:
+    ``forward(features, images)`` takes the first backbone's features (the meta-architecture owns that
+    backbone) and the images (for the second backbone) and returns the averaged output dict."""
 
-    def __init__(self, decoder1, backbone2, decoder2, stride4_channels: int, res2_channels: int,
+    def __init__(self, head1, backbone2, head2, stride4_channels: int, res2_channels: int,
                  norm: str = "BN"):
         super().__init__()
-        self.decoder1, self.backbone2, self.decoder2 = decoder1, backbone2, decoder2
+        self.head1, self.backbone2, self.head2 = head1, backbone2, head2
         self.connect = conv_norm(stride4_channels, res2_channels, 1, norm=norm)
         with torch.no_grad():
             self.connect.norm.weight.zero_()
 
-    def forward(self, images: torch.Tensor, features: Dict[str, torch.Tensor]) -> Dict:
-        out1 = self.decoder1(features)
+    def forward(self, features: Dict[str, torch.Tensor], images: torch.Tensor) -> Dict:
+        out1 = self.head1(features)
         link = self.connect(out1["stride4_features"])
-        out2 = self.decoder2(run_backbone_with_injection(self.backbone2, images, link))
+        out2 = self.head2(run_backbone_with_injection(self.backbone2, images, link), images)
         out = {"pred_logits": (out1["pred_logits"] + out2["pred_logits"]) / 2,
                "pred_masks": (out1["pred_masks"] + out2["pred_masks"]) / 2,
                "stride4_features": (out1["stride4_features"] + out2["stride4_features"]) / 2}
-        first_final = {k: out1[k] for k in ("pred_logits", "pred_masks", "ref_points") if k in out1}
+        first_final = {k: out1[k] for k in ("pred_logits", "pred_masks")}
         out["aux_outputs"] = out1["aux_outputs"] + [first_final] + out2["aux_outputs"]
-        if "ref_points" in out2:
-            out["ref_points"] = out2["ref_points"]
         if "sem_logits" in out2:  # training only
             out["sem_logits"] = (out1["sem_logits"] + out2["sem_logits"]) / 2
             out["pixel_features"] = F.normalize(out1["pixel_features"] + out2["pixel_features"], dim=1)

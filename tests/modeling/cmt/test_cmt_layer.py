@@ -1,45 +1,133 @@
-"""The CMT layer (eq. 3-12) against direct dense computations on tiny tensors."""
+"""The CMT layer (eq. 3-12 in MaX-DeepLab's dual-path transformer layer) against direct dense
+computations on tiny tensors, with every batch norm an arbitrary eval-mode affine map."""
 import math
 
 import pytest
 import torch
+from torch.nn.functional import gelu
 
 from cmt_cops_d2.modeling.cmt.cmt_layer import CMTLayer, pixel_coordinates
 
-B, DP, DC, DK, HEADS, N, M, H, W = 2, 8, 12, 8, 2, 5, 3, 4, 6
+B, PIX, DC, DB, DK, DV, HEADS, N, M, H, W = 2, 16, 12, 8, 8, 8, 2, 5, 3, 4, 6
+FFN, MLP = 16, 10
 SWITCHES = ("use_cluster_update", "use_assignment_residual", "use_pixel_update",
             "use_reference_mask", "use_coord_conv")
 
 
-def make(seed=0, first_layer=False, **switches):
+def make(seed=0, first_layer=False, randomize=True, **switches):
     torch.manual_seed(seed)
-    layer = CMTLayer(DP, DC, key_dim=DK, num_heads=HEADS, num_points=M, first_layer=first_layer,
-                     **switches)
-    # Give the zero-initialised output norms a non-zero scale so every path shows in the output.
-    with torch.no_grad():
-        layer.center_out_norm.weight.uniform_(0.5, 1.5)
-        layer.pixel_out_norm.weight.uniform_(0.5, 1.5)
+    layer = CMTLayer(PIX, DC, bottleneck_dim=DB, key_dim=DK, value_dim=DV, num_heads=HEADS,
+                     ffn_dim=FFN, num_points=M, ref_mlp_dim=MLP, first_layer=first_layer, **switches)
+    if randomize:
+        # Every norm an arbitrary affine map (the zero-initialised output scales included), so that
+        # every path shows in the output and a missing or misplaced norm changes it.
+        g = torch.Generator().manual_seed(seed + 100)
+        for m in layer.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                with torch.no_grad():
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return layer.eval()
 
 
 def inputs(seed=1):
     g = torch.Generator().manual_seed(seed)
-    F = torch.randn(B, DP, H, W, generator=g)
+    x = torch.randn(B, PIX, H, W, generator=g)
     C = torch.randn(B, N, DC, generator=g)
     S = torch.randn(B, N, H, W, generator=g)
     e = torch.randn(B, N, 2 * M, generator=g)
-    return F, C, S, e
+    return x, C, S, e
 
 
-def conv1x1(conv, x):
-    """A 1x1 conv as an explicit matrix product on B x D x H x W -> B x HW x D'."""
-    w = conv.weight[:, :, 0, 0]
-    return x.flatten(2).transpose(1, 2) @ w.T + conv.bias
+def bn(norm, y):
+    """Eval-mode batch norm over dim 1 of y (B x C x ...)."""
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    return ((y - norm.running_mean.view(shape)) / torch.sqrt(norm.running_var.view(shape) + norm.eps)
+            * norm.weight.view(shape) + norm.bias.view(shape))
 
 
-def bn_eval(bn, x):
-    """Eval-mode BatchNorm over the last dim of x (..., D)."""
-    return (x - bn.running_mean) / torch.sqrt(bn.running_var + bn.eps) * bn.weight + bn.bias
+def lin(conv, y):
+    """A 1x1 conv (with its norm, if any) as a matrix product on B x Cin x L."""
+    out = torch.einsum("oc,bcl->bol", conv.weight[:, :, 0, 0], y)
+    if conv.bias is not None:
+        out = out + conv.bias[None, :, None]
+    return out if getattr(conv, "norm", None) is None else bn(conv.norm, out)
+
+
+def dense_bottleneck(layer, x, C, r_c):
+    """Cb (B x DB x N) and F (B x DB x HW): eq. (11), the pixel entry, eq. (12)."""
+    cin = C if r_c is None else torch.cat([C, r_c], -1)
+    Cb = gelu(lin(layer.center_in, cin.transpose(1, 2)))
+    F = gelu(lin(layer.pixel_in, gelu(x).flatten(2)))
+    if layer.use_coord_conv:
+        ys, xs = torch.meshgrid(torch.linspace(0, 1, H), torch.linspace(0, 1, W), indexing="ij")
+        r_p = torch.stack([ys, xs]).flatten(1).expand(B, -1, -1)
+        F = gelu(lin(layer.pixel_coord, torch.cat([F, r_p], 1)))
+    return F, Cb
+
+
+def dense_logits(layer, F, Cb, S):
+    """Eq. (6) before the softmax, B x N x HW."""
+    k, q = lin(layer.assign_key, F), lin(layer.assign_query, Cb)
+    logits = torch.einsum("bdp,bdn->bnp", k, q) / math.sqrt(DK)
+    if S is not None and layer.use_assignment_residual:
+        logits = logits + S.flatten(2)
+    return logits
+
+
+def split_heads(t, depth):
+    return [t[:, h * depth // HEADS:(h + 1) * depth // HEADS] for h in range(HEADS)]
+
+
+def dense_center_update(layer, F, Cb, C, Z, cluster):
+    """Eq. (7) head by head: one softmax over pixels and centers with BN on the similarities, BN and
+    act on the read values, the output projection; the clustering term with its own norm and
+    projection; the residual, act; then the FFN."""
+    qkv_c = lin(layer.center_qkv, Cb)
+    q_c, k_c, v_c = qkv_c[:, :DK], qkv_c[:, DK:2 * DK], qkv_c[:, 2 * DK:]
+    pix = lin(layer.pixel_qkv, F)
+    k_p, v_p = pix[:, -(DK + DV):-DV], pix[:, -DV:]
+    sims = []
+    for q, kp, kc in zip(split_heads(q_c, DK), split_heads(k_p, DK), split_heads(k_c, DK)):
+        sims.append(torch.einsum("bdn,bdl->bnl", q, torch.cat([kp, kc], -1)))
+    sim = bn(layer.similarity_norm, torch.stack(sims, 1))                 # B x h x N x HW+N
+    attn = sim.softmax(-1)
+    reads = [torch.einsum("bnl,bdl->bdn", attn[:, h], torch.cat([vp, vc], -1))
+             for h, (vp, vc) in enumerate(zip(split_heads(v_p, DV), split_heads(v_c, DV)))]
+    update = lin(layer.center_out, gelu(bn(layer.center_value_norm, torch.cat(reads, 1))))
+    if cluster:
+        update = update + lin(layer.cluster_out, bn(layer.cluster_norm, v_p @ Z.transpose(1, 2)))
+    C1 = gelu(C.transpose(1, 2) + update)
+    C2 = gelu(C1 + lin(layer.ffn_out, gelu(lin(layer.ffn_in, C1))))
+    return C2.transpose(1, 2), (k_c, v_c)
+
+
+def dense_pixel_update(layer, x, F, Z, k_c, v_c, clustering):
+    if clustering:                                                        # eq. (8)
+        read = v_c @ Z                                                    # B x DV x HW
+    else:                                                                 # MaX pixel-to-memory
+        q_p = lin(layer.pixel_qkv, F)[:, :DK]
+        sim = torch.stack([torch.einsum("bdp,bdn->bpn", q, k)
+                           for q, k in zip(split_heads(q_p, DK), split_heads(k_c, DK))], 1)
+        attn = bn(layer.pixel_similarity_norm, sim).softmax(-1)           # over the N centers
+        read = torch.cat([torch.einsum("bpn,bdn->bdp", attn[:, h], v)
+                          for h, v in enumerate(split_heads(v_c, DV))], 1)
+    return x.flatten(2) + lin(layer.pixel_out, gelu(bn(layer.pixel_value_norm, read)))
+
+
+def dense_layer(layer, x, C, S, e):
+    """The whole layer from the functions above: (centers, pixels, logits)."""
+    r_c = None
+    if layer.use_reference_mask:
+        r_c = layer.reference_masks(C, e)[1]
+    F, Cb = dense_bottleneck(layer, x, C, r_c if layer.use_coord_conv else None)
+    logits = dense_logits(layer, F, Cb, S)
+    Z = logits.softmax(1)
+    centers, (k_c, v_c) = dense_center_update(layer, F, Cb, C, Z, layer.use_cluster_update)
+    pixels = dense_pixel_update(layer, x, F, Z, k_c, v_c, layer.use_pixel_update)
+    return centers, pixels.view(B, PIX, H, W), logits.view(B, N, H, W)
 
 
 def test_pixel_coordinates():
@@ -52,117 +140,104 @@ def test_pixel_coordinates():
 def test_reference_masks_eq9_10():
     layer = make(first_layer=True)
     _, C, _, e = inputs()
-    mlp = lambda x: layer.ref_mlp[2](torch.nn.functional.gelu(layer.ref_mlp[0](x)))  # noqa: E731
+    mlp = lin(layer.ref_mlp[2], gelu(lin(layer.ref_mlp[0], C.transpose(1, 2)))).transpose(1, 2)
     e_hat, r = layer.reference_masks(C, e)
-    assert torch.allclose(e_hat, e + mlp(C), atol=1e-6)
-    assert torch.allclose(r, torch.sigmoid(e + mlp(C)), atol=1e-6)
+    assert torch.allclose(e_hat, e + mlp, atol=1e-5)
+    assert torch.allclose(r, torch.sigmoid(e + mlp), atol=1e-6)
     # First layer: e is a projection of the centers; later layers must be given e.
     e_hat0, _ = layer.reference_masks(C, None)
-    assert torch.allclose(e_hat0, layer.ref_embed(C) + mlp(C), atol=1e-6)
+    assert torch.allclose(e_hat0, layer.ref_embed(C) + mlp, atol=1e-5)
     with pytest.raises(ValueError, match="previous layer's e_hat"):
         make().reference_masks(C, None)
 
 
-def test_coord_conv_eq11_12():
-    layer = make()
-    F, C, _, e = inputs()
-    r_c = torch.sigmoid(e)
-    F2, C2 = layer.coord_conv(F, C, r_c)
-    ys, xs = torch.meshgrid(torch.linspace(0, 1, H), torch.linspace(0, 1, W), indexing="ij")
-    F_cat = torch.cat([F, ys.expand(B, 1, H, W), xs.expand(B, 1, H, W)], 1)
-    expected_F = conv1x1(layer.pixel_coord, F_cat)
-    assert torch.allclose(F2.flatten(2).transpose(1, 2), expected_F, atol=1e-5)
-    expected_C = torch.cat([C, r_c], -1) @ layer.center_coord.weight.T + layer.center_coord.bias
-    assert torch.allclose(C2, expected_C, atol=1e-5)
+@pytest.mark.parametrize("coord", [True, False])
+def test_bottleneck_and_coord_conv_eq11_12(coord):
+    layer = make(use_coord_conv=coord)
+    x, C, _, e = inputs()
+    r_c = torch.sigmoid(e) if coord else None
+    F, Cb = layer.bottleneck(x, C, r_c)
+    F_ref, Cb_ref = dense_bottleneck(layer, x, C, r_c)
+    assert torch.allclose(F.flatten(2), F_ref, atol=1e-5)
+    assert torch.allclose(Cb[..., 0], Cb_ref, atol=1e-5)
 
 
 def test_assignment_eq6_with_residual():
     layer = make()
-    F, C, S, _ = inputs()
-    logits = layer.assignment_logits(F, C, S)
-    K = conv1x1(layer.assign_key, F)                                   # B x HW x d
-    Q = C @ layer.assign_query.weight.T + layer.assign_query.bias      # B x N x d
-    expected = S.flatten(2).transpose(1, 2) + K @ Q.transpose(1, 2) / math.sqrt(DK)  # B x HW x N
-    assert torch.allclose(logits.flatten(2).transpose(1, 2), expected, atol=1e-5)
+    x, C, S, e = inputs()
+    F, Cb = layer.bottleneck(x, C, torch.sigmoid(e))
+    logits = layer.assignment_logits(F, Cb, S)
+    assert torch.allclose(logits.flatten(2), dense_logits(layer, F.flatten(2), Cb[..., 0], S), atol=1e-5)
     # Residual path off: S is ignored.
     layer.use_assignment_residual = False
-    assert torch.allclose(layer.assignment_logits(F, C, S), layer.assignment_logits(F, C, None))
+    assert torch.allclose(layer.assignment_logits(F, Cb, S), layer.assignment_logits(F, Cb, None))
 
 
 def test_residual_logits_are_resized_across_strides():
     layer = make()
-    F, C, S, _ = inputs()
+    x, C, S, e = inputs()
+    F, Cb = layer.bottleneck(x, C, torch.sigmoid(e))
     small = S[..., ::2, ::2]
     up = torch.nn.functional.interpolate(small, size=(H, W), mode="bilinear", align_corners=False)
-    assert torch.allclose(layer.assignment_logits(F, C, small), layer.assignment_logits(F, C, up))
-
-
-def _dense_center_update(layer, F, C, Z, cluster):
-    """Eq. (7) head by head with explicit matrices (eq. 3 when cluster is False)."""
-    Kp, Vp = conv1x1(layer.pixel_key, F), conv1x1(layer.pixel_value, F)   # B x HW x d
-    Qc = C @ layer.center_query.weight.T + layer.center_query.bias
-    dk, dv = DK // HEADS, DC // HEADS
-    Zt = Z.flatten(2)                                                      # B x N x HW
-    heads = []
-    for h in range(HEADS):
-        q, k = Qc[..., h * dk:(h + 1) * dk], Kp[..., h * dk:(h + 1) * dk]
-        v = Vp[..., h * dv:(h + 1) * dv]
-        A = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(dk), dim=-1)  # softmax over HW
-        heads.append((A + Zt) @ v if cluster else A @ v)
-    update = bn_eval(layer.center_update_norm, torch.cat(heads, -1))
-    out = update @ layer.center_out.weight.T + layer.center_out.bias
-    return C + layer.center_out_norm(out)
+    assert torch.allclose(layer.assignment_logits(F, Cb, small), layer.assignment_logits(F, Cb, up))
 
 
 @pytest.mark.parametrize("cluster", [True, False])
 def test_center_update_eq7_and_eq3(cluster):
     layer = make(use_cluster_update=cluster)
-    F, C, S, _ = inputs()
+    x, C, S, e = inputs()
+    F, Cb = layer.bottleneck(x, C, torch.sigmoid(e))
     Z = torch.softmax(S, dim=1)
-    assert torch.allclose(layer.center_update(F, C, Z), _dense_center_update(layer, F, C, Z, cluster),
-                          atol=1e-5)
-
-
-def test_pixel_update_eq8():
-    layer = make()
-    F, C, S, _ = inputs()
-    Z = torch.softmax(S, dim=1)
-    Vc = C @ layer.center_value.weight.T + layer.center_value.bias        # B x N x Dp
-    upd = Z.flatten(2).transpose(1, 2) @ Vc                              # B x HW x Dp
-    expected = F.flatten(2).transpose(1, 2) + bn_eval(layer.pixel_out_norm, upd)
-    assert torch.allclose(layer.pixel_update(F, C, Z).flatten(2).transpose(1, 2), expected, atol=1e-5)
-
-
-def test_baseline_pixel_attention_is_softmax_over_centers():
-    layer = make(use_pixel_update=False)
-    F, C, S, _ = inputs()
-    Z = torch.softmax(S, dim=1)
-    Qp = conv1x1(layer.pixel_query, F)
-    Kc = C @ layer.center_key.weight.T + layer.center_key.bias
-    Vc = C @ layer.center_value.weight.T + layer.center_value.bias
-    dk, dv = DK // HEADS, DP // HEADS
-    heads = [torch.softmax(Qp[..., h * dk:(h + 1) * dk] @ Kc[..., h * dk:(h + 1) * dk].transpose(1, 2)
-                           / math.sqrt(dk), dim=-1) @ Vc[..., h * dv:(h + 1) * dv] for h in range(HEADS)]
-    upd = torch.cat(heads, -1)
-    expected = F.flatten(2).transpose(1, 2) + bn_eval(layer.pixel_out_norm, upd)
-    got = layer.pixel_update(F, C, Z).flatten(2).transpose(1, 2)
+    got, _ = layer.center_update(F, Cb, C, Z)
+    expected, _ = dense_center_update(layer, F.flatten(2), Cb[..., 0], C, Z.flatten(2), cluster)
     assert torch.allclose(got, expected, atol=1e-5)
 
 
-def test_forward_wires_the_equations_together():
-    layer = make()
-    F, C, S, e = inputs()
-    out = layer(F, C, S, e)
-    e_hat, r = layer.reference_masks(C, e)
-    F1, C1 = layer.coord_conv(F, C, r)
-    logits = layer.assignment_logits(F1, C1, S)
-    Z = logits.softmax(1)
-    assert torch.allclose(out["ref_embed"], e_hat) and torch.allclose(out["ref_points"], r)
-    assert torch.allclose(out["logits"], logits, atol=1e-6)
-    assert torch.allclose(out["centers"], _dense_center_update(layer, F1, C1, Z, True), atol=1e-5)
-    assert torch.allclose(out["pixels"], layer.pixel_update(F1, C1, Z), atol=1e-6)
-    assert out["pixels"].shape == F.shape and out["centers"].shape == C.shape
-    assert out["logits"].shape == (B, N, H, W) and r.shape == (B, N, 2 * M)
+@pytest.mark.parametrize("clustering", [True, False])
+def test_pixel_update_eq8_and_maxdeeplab_pixel_attention(clustering):
+    layer = make(use_pixel_update=clustering)
+    x, C, S, e = inputs()
+    F, Cb = layer.bottleneck(x, C, torch.sigmoid(e))
+    Z = torch.softmax(S, dim=1)
+    _, (k_c, v_c) = layer.center_update(F, Cb, C, Z)
+    got = layer.pixel_update(x, F, Z, (k_c, v_c))
+    expected = dense_pixel_update(layer, x, F.flatten(2), Z.flatten(2), k_c[..., 0], v_c[..., 0], clustering)
+    assert torch.allclose(got.flatten(2), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("switches", [{}, {s: False for s in SWITCHES}])
+def test_forward_is_the_equations_wired_together(switches):
+    layer = make(**switches)
+    x, C, S, e = inputs()
+    out = layer(x, C, S, e)
+    centers, pixels, logits = dense_layer(layer, x, C, S, e)
+    assert torch.allclose(out["centers"], centers, atol=1e-5)
+    assert torch.allclose(out["pixels"], pixels, atol=1e-5)
+    assert torch.allclose(out["logits"], logits, atol=1e-5)
+    assert out["pixels"].shape == x.shape and out["centers"].shape == C.shape
+    if switches:
+        assert set(out) == {"centers", "pixels", "logits"}
+    else:
+        e_hat, r = layer.reference_masks(C, e)
+        assert torch.allclose(out["ref_embed"], e_hat) and torch.allclose(out["ref_points"], r)
+
+
+def _transfer(on, off):
+    """Copy ``on``'s parameters into ``off``; where a switch changes a projection's input or output
+    size (coord-conv inputs, the pixel queries), copy the part both have."""
+    target = off.state_dict()
+    for k, v in on.state_dict().items():
+        if k not in target:
+            continue
+        t = target[k]
+        if t.shape == v.shape:
+            t.copy_(v)
+        elif k.startswith("center_in.weight"):            # off has no r^c input channels
+            t.copy_(v[:, : t.shape[1]])
+        elif k.startswith("pixel_qkv"):                   # off has pixel queries in front
+            t[-v.shape[0]:].copy_(v)
+        else:
+            raise AssertionError(f"unexpected shape change of {k}")
 
 
 @pytest.mark.parametrize("switch", SWITCHES)
@@ -173,9 +248,9 @@ def test_each_switch_changes_what_it_names_and_nothing_else(switch):
     if switch == "use_reference_mask":
         flags["use_coord_conv"] = False     # coord-conv needs reference masks
     off = make(seed=0, **flags)
-    off.load_state_dict(on.state_dict(), strict=False)
-    F, C, S, e = inputs()
-    a, b = on(F, C, S, e), off(F, C, S, e)
+    _transfer(on, off)
+    x, C, S, e = inputs()
+    a, b = on(x, C, S, e), off(x, C, S, e)
     changed = {k for k in ("centers", "pixels", "logits") if not torch.allclose(a[k], b[k], atol=1e-6)}
     expected = {
         # only the center update reads the clustering term
@@ -184,7 +259,7 @@ def test_each_switch_changes_what_it_names_and_nothing_else(switch):
         "use_pixel_update": {"pixels"},
         # S changes the logits, hence Z, hence both updates
         "use_assignment_residual": {"logits", "centers", "pixels"},
-        # without coord-conv the layer reads F and C directly
+        # without coord-conv the layer reads other bottleneck features
         "use_coord_conv": {"logits", "centers", "pixels"},
         "use_reference_mask": {"logits", "centers", "pixels"},
     }[switch]
@@ -196,21 +271,10 @@ def test_each_switch_changes_what_it_names_and_nothing_else(switch):
         assert "ref_points" not in b
 
 
-def test_all_switches_off_gives_maxdeeplab_cross_attention():
-    layer = make(**{s: False for s in SWITCHES})
-    F, C, S, e = inputs()
-    out = layer(F, C, S, e)
-    assert set(out) == {"centers", "pixels", "logits"}
-    # logits ignore S; centers follow eq. (3)
-    assert torch.allclose(out["logits"], layer.assignment_logits(F, C, None))
-    Z = out["logits"].softmax(1)
-    assert torch.allclose(out["centers"], _dense_center_update(layer, F, C, Z, False), atol=1e-5)
-
-
 def test_every_parameter_gets_a_gradient():
-    layer = make().train()
-    F, C, S, e = inputs()
-    out = layer(F, C, S, e)
+    layer = make(first_layer=True).train()
+    x, C, S, e = inputs()
+    out = layer(x, C, S, None)
     loss = out["centers"].square().mean() + out["pixels"].square().mean() + out["logits"].mean() \
         + out["ref_points"].mean()
     loss.backward()
@@ -218,17 +282,18 @@ def test_every_parameter_gets_a_gradient():
     assert missing == []
 
 
-def test_fresh_layer_is_identity_on_centers_and_pixels():
-    torch.manual_seed(0)
-    layer = CMTLayer(DP, DC, key_dim=DK, num_heads=HEADS, num_points=M, use_coord_conv=False).eval()
-    F, C, S, e = inputs()
-    out = layer(F, C, S, e)
-    assert torch.allclose(out["centers"], C, atol=1e-6)
-    assert torch.allclose(out["pixels"], F, atol=1e-6)
+def test_fresh_layer_leaves_pixels_and_only_activates_centers():
+    """Every output projection starts at zero (DeepLab2): the pixels pass unchanged and the centers
+    only go through the two activations of the attention and FFN residuals."""
+    layer = make(randomize=False)
+    x, C, S, e = inputs()
+    out = layer(x, C, S, e)
+    assert torch.allclose(out["pixels"], x, atol=1e-6)
+    assert torch.allclose(out["centers"], gelu(gelu(C)), atol=1e-6)
 
 
 def test_bad_dimensions_and_switch_combination():
     with pytest.raises(ValueError, match="divisible by num_heads"):
-        CMTLayer(10, 12, key_dim=8, num_heads=4)
+        CMTLayer(16, 12, key_dim=10, value_dim=8, num_heads=4)
     with pytest.raises(ValueError, match="USE_COORD_CONV requires USE_REFERENCE_MASK"):
-        CMTLayer(8, 8, key_dim=8, num_heads=2, use_reference_mask=False, use_coord_conv=True)
+        CMTLayer(16, 8, key_dim=8, num_heads=2, use_reference_mask=False, use_coord_conv=True)
