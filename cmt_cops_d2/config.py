@@ -141,8 +141,10 @@ def add_cmt_config(cfg: CN) -> CN:
     # Depth of the pixel features and mask kernels of the final (stride-4) mask logits, also the
     # features the instance discrimination loss reads (MaX-DeepLab: 128).
     c.MASK_DIM = 128
-    # Drop-path rate of the last dual-path block (linear from 0; paper: 0.2).
+    # Drop-path rate of the dual-path blocks (paper: 0.2), every block the same ("constant", DeepLab2's
+    # MaX-DeepLab schedule beyond stride 16) or growing from 0 to it ("linear").
     c.DROP_PATH_RATE = 0.2
+    c.DROP_PATH_SCHEDULE = "constant"
     # Norm and activation of the decoder ("SyncBN" on GPUs; "BN" for CPU or single process).
     c.NORM = "SyncBN"
     c.ACTIVATION = "gelu"

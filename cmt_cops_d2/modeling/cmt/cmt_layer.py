@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F_
 from torch import nn
 
-from ..layers import DropPath, attention_norm, conv_norm, get_activation
+from ..layers import DropPath, add_, attention_norm, conv_norm, get_activation
 
 __all__ = ["CMTLayer", "pixel_coordinates", "resize_assignment_logits", "zero_init_output"]
 
@@ -123,7 +123,10 @@ class CMTLayer(nn.Module):
         self.use_reference_mask = use_reference_mask
         self.use_coord_conv = use_coord_conv
         self.first_layer = first_layer
-        self.act = get_activation(activation)
+        # ``act`` is only applied to temporaries (it may work in place at inference); ``act_input``
+        # activates the layer's input, which the pixel residual still needs.
+        self.act = get_activation(activation, inplace=True)
+        self.act_input = get_activation(activation)
 
         # Eq. (9-10): the reference-mask embedding and its MLP on the layer's input centers.
         if use_reference_mask:
@@ -189,7 +192,7 @@ class CMTLayer(nn.Module):
         Returns (F: B x Db x H x W, Cb: B x Db x N x 1)."""
         center_in = C if r_c is None else torch.cat([C, r_c], -1)
         Cb = self.act(self.center_in(_centers_map(center_in)))
-        F = self.act(self.pixel_in(self.act(x)))
+        F = self.act(self.pixel_in(self.act_input(x)))
         if self.use_coord_conv:
             B, _, H, W = F.shape
             r_p = pixel_coordinates(H, W, F.device, F.dtype).unsqueeze(0).expand(B, -1, -1, -1)
@@ -231,8 +234,8 @@ class CMTLayer(nn.Module):
             # Z^T Vp over all pixels, the same assignment for every head.
             clustered = torch.einsum("bnp,bdp->bdn", Z.flatten(2), v_p.flatten(2)).unsqueeze(-1)
             update = update + self.drop_cluster(self.cluster_out(self.cluster_norm(clustered)))
-        C = self.act(_centers_map(C) + update)
-        C = self.act(C + self.drop_ffn(self.ffn_out(self.act(self.ffn_in(C)))))
+        C = self.act(add_(update, _centers_map(C)))
+        C = self.act(add_(self.drop_ffn(self.ffn_out(self.act(self.ffn_in(C)))), C))
         return _centers_seq(C), (k_c, v_c)
 
     def pixel_update(self, x: torch.Tensor, F: torch.Tensor, Z: torch.Tensor, center_kv):
@@ -249,7 +252,7 @@ class CMTLayer(nn.Module):
             attn = self.pixel_similarity_norm(sim).float().softmax(-1).to(v_c.dtype)  # over N
             read = torch.einsum("bhpn,bhdn->bhdp", attn, self._heads(v_c, self.value_dim))
         read = self.act(self.pixel_value_norm(read.reshape(B, self.value_dim, H, W)))
-        return x + self.drop_pixels(self.pixel_out(read))
+        return add_(self.drop_pixels(self.pixel_out(read)), x)
 
     def forward(self, x: torch.Tensor, C: torch.Tensor, S: Optional[torch.Tensor] = None,
                 e: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:

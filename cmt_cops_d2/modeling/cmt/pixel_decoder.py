@@ -16,7 +16,7 @@ from detectron2.utils.registry import Registry
 from torch import nn
 
 from ..backbone.axial_resnet import BottleneckBlock
-from ..layers import conv_norm, get_activation
+from ..layers import add_, conv_norm, get_activation
 
 __all__ = ["CMT_PIXEL_DECODER_REGISTRY", "CMTPixelDecoder", "build_pixel_decoder"]
 
@@ -36,11 +36,11 @@ class ResizedFuse(nn.Module):
         self.project = conv_norm(in_channels, out_channels, 1, norm=norm)
         self.project_skip = (conv_norm(skip_channels, out_channels, 1, norm=norm)
                              if skip_channels != out_channels else None)
-        self.act = get_activation(activation)
+        self.act = get_activation(activation, inplace=True)   # only applied to the sum
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(self.project(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.act(x + (skip if self.project_skip is None else self.project_skip(skip)))
+        return self.act(add_(x, skip if self.project_skip is None else self.project_skip(skip)))
 
 
 @CMT_PIXEL_DECODER_REGISTRY.register()

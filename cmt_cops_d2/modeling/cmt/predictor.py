@@ -8,6 +8,8 @@ The paper does not describe its heads; these are MaX-DeepLab's, which it builds 
   void probability 0.9;
 * **pixel features**: DeepLab2's depthwise-separable prediction head on the stride-4 features, a
   norm, then L2 normalisation -- the features the instance discrimination loss reads;
+  at inference the norm is folded into the head's last conv and the mask-logit norm into the
+  kernels (the same result without their passes over the stride-4 maps);
 * **mask logits** (eq. 4 with eq. 6's residual): ``BN(f . k) + S``, ``k`` the mask kernels (1x1 conv +
   norm of the mask features), the BN a single-channel norm shared by all clusters with its scale
   initialised to 0.1, ``S`` the last CMT layer's assignment logits upsampled;
@@ -26,7 +28,7 @@ from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ..layers import attention_norm, conv_norm, get_activation
+from ..layers import ConvNorm, attention_norm, batch_norm_affine, conv_norm, get_activation
 from .cmt_layer import resize_assignment_logits
 
 __all__ = ["CMT_PREDICTOR_REGISTRY", "MaXPredictor", "separable_head", "build_predictor",
@@ -43,15 +45,22 @@ VOID_PRIOR_PROB = 0.9
 
 
 def separable_head(channels: int, out_channels: int, *, norm: str, activation: str,
-                   kernel_size: int = 5) -> nn.Sequential:
+                   kernel_size: int = 5, output_norm: bool = False) -> nn.Sequential:
     """DeepLab2's prediction head (MaX-DeepLab's pixel-space and semantic heads): depthwise
-    ``k x k`` conv, norm, act -> 1x1 conv (``channels``), norm, act -> 1x1 conv to ``out_channels``."""
+    ``k x k`` conv, norm, act -> 1x1 conv (``channels``), norm, act -> 1x1 conv (with bias) to
+    ``out_channels``, followed by a norm when ``output_norm`` (the pixel-space head's feature norm,
+    folded into that conv at inference)."""
+    last = ConvNorm(channels, out_channels, 1, bias=True,
+                    norm=attention_norm(norm, out_channels) if output_norm else None)
+    nn.init.kaiming_uniform_(last.weight, a=math.sqrt(5))          # nn.Conv2d's initialisation
+    bound = 1 / math.sqrt(channels)
+    nn.init.uniform_(last.bias, -bound, bound)
     return nn.Sequential(
         conv_norm(channels, channels, kernel_size, groups=channels, norm=norm),
         get_activation(activation, inplace=True),
         conv_norm(channels, channels, 1, norm=norm),
         get_activation(activation, inplace=True),
-        nn.Conv2d(channels, out_channels, 1),
+        last,
     )
 
 
@@ -76,8 +85,8 @@ class MaXPredictor(nn.Module):
         self.register_buffer("void_prior", void_prior, persistent=False)
         self.mask_head = conv_norm(center_dim, mask_dim, 1, norm=norm)
         nn.init.kaiming_normal_(self.mask_head.weight)
-        self.pixel_head = separable_head(pixel_channels, mask_dim, norm=norm, activation=activation)
-        self.pixel_norm = attention_norm(norm, mask_dim)
+        self.pixel_head = separable_head(pixel_channels, mask_dim, norm=norm, activation=activation,
+                                         output_norm=True)
         self.mask_norm = attention_norm(norm, 1)
         if getattr(self.mask_norm, "weight", None) is not None:
             nn.init.constant_(self.mask_norm.weight, 0.1)
@@ -101,15 +110,22 @@ class MaXPredictor(nn.Module):
 
     def pixel_features(self, x: torch.Tensor) -> torch.Tensor:
         """B x C4 x H x W -> B x d x H x W L2-normalised pixel features."""
-        return F.normalize(self.pixel_norm(self.pixel_head(x)), dim=1)
+        return F.normalize(self.pixel_head(x), dim=1)
 
     def mask_logits(self, features: torch.Tensor, C: torch.Tensor,
                     S: Optional[torch.Tensor]) -> torch.Tensor:
         """Eq. (4)/(6) at stride 4: ``BN(f . k) (+ S)``, B x N x H x W."""
         kernels = self.mask_head(self.act(self.mask_feature(self._centers_map(C))))[..., 0]  # B x d x N
-        logits = torch.einsum("bdhw,bdn->bnhw", features, kernels)
-        B, N, H, W = logits.shape
-        logits = self.mask_norm(logits.reshape(B, 1, N, H * W)).reshape(B, N, H, W)
+        affine = batch_norm_affine(self.mask_norm)
+        if affine is not None:
+            # Inference: the single-channel norm is a scalar affine map, folded into the kernels.
+            scale, shift = affine
+            logits = torch.einsum("bdhw,bdn->bnhw", features, kernels * scale).add_(shift)
+        else:
+            logits = torch.einsum("bdhw,bdn->bnhw", features, kernels)
+            B, N, H, W = logits.shape
+            logits = self.mask_norm(logits.reshape(B, 1, N, H * W)).reshape(B, N, H, W)
+        H, W = logits.shape[-2:]
         if S is not None and self.use_assignment_residual:
             logits = logits + resize_assignment_logits(S, (H, W))
         return logits

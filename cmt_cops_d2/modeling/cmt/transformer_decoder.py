@@ -18,7 +18,7 @@ from detectron2.utils.registry import Registry
 from torch import nn
 
 from ..backbone.axial_resnet import AxialBlock
-from ..layers import conv_norm, get_activation
+from ..layers import add_, conv_norm, get_activation
 from .cmt_layer import CMTLayer
 
 __all__ = ["CMT_TRANSFORMER_DECODER_REGISTRY", "DualPathBlock", "CMTTransformerDecoder",
@@ -53,11 +53,11 @@ class DualPathBlock(nn.Module):
         self.axial.zero_init_last_norm()
         self.cmt = CMTLayer(channels, first_layer=first_layer, norm=norm, activation=activation,
                             drop_path=drop_path, **layer_kwargs)
-        self.act = get_activation(activation)
+        self.act = get_activation(activation, inplace=True)   # only applied to temporaries
 
     def forward(self, x, C, S=None, e=None):
         # DeepLab2 hands the transformer layer the block's residual sum before its activation.
-        s = self.axial.drop_path(self.axial.residual(x)) + self.axial.forward_shortcut(x)
+        s = add_(self.axial.drop_path(self.axial.residual(x)), self.axial.forward_shortcut(x))
         out = self.cmt(s, C, S, e)
         return self.act(out.pop("pixels")), out
 
@@ -76,13 +76,19 @@ class CMTTransformerDecoder(nn.Module):
     @configurable
     def __init__(self, *, in_channels: Dict[str, int], num_clusters: int, center_dim: int,
                  stage_blocks, layer_kwargs: Dict, num_heads: int, max_span: int, norm: str,
-                 activation: str, drop_path: float):
+                 activation: str, drop_path: float, drop_path_schedule: str = "constant"):
         super().__init__()
         self.centers = nn.Embedding(num_clusters, center_dim)
         nn.init.trunc_normal_(self.centers.weight, std=1.0)
         c5, c4 = in_channels["res5"], in_channels["res4"]
         total = sum(stage_blocks)
-        rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
+        if drop_path_schedule == "constant":
+            rates = [drop_path] * total
+        elif drop_path_schedule == "linear":
+            rates = [drop_path * i / max(total - 1, 1) for i in range(total)]
+        else:
+            raise ValueError(f"MODEL.CMT.DROP_PATH_SCHEDULE={drop_path_schedule!r}: use 'constant' or "
+                             "'linear'")
         kw = dict(layer_kwargs=layer_kwargs, num_heads=num_heads, max_span=max_span, norm=norm,
                   activation=activation)
         self.stage5 = nn.ModuleList(DualPathBlock(c5, drop_path=rates[i], first_layer=i == 0, **kw)
@@ -92,7 +98,7 @@ class CMTTransformerDecoder(nn.Module):
             DualPathBlock(c4, drop_path=rates[stage_blocks[0] + i], first_layer=stage_blocks[0] == 0 and i == 0,
                           **kw)
             for i in range(stage_blocks[1]))
-        self.act = get_activation(activation)
+        self.act = get_activation(activation, inplace=True)   # only applied to temporaries
         self.out_channels = c4
 
     @classmethod
@@ -103,7 +109,7 @@ class CMTTransformerDecoder(nn.Module):
             "num_clusters": c.NUM_CLUSTERS, "center_dim": c.CENTER_DIM,
             "stage_blocks": tuple(c.STAGE_BLOCKS), "num_heads": c.NUM_HEADS,
             "max_span": cfg.MODEL.AXIAL_RESNET.MAX_SPAN, "norm": c.NORM, "activation": c.ACTIVATION,
-            "drop_path": c.DROP_PATH_RATE,
+            "drop_path": c.DROP_PATH_RATE, "drop_path_schedule": c.DROP_PATH_SCHEDULE,
             "layer_kwargs": dict(center_dim=c.CENTER_DIM, bottleneck_dim=c.BOTTLENECK_DIM,
                                  key_dim=c.KEY_DIM, value_dim=c.VALUE_DIM, num_heads=c.NUM_HEADS,
                                  ffn_dim=c.FFN_DIM, num_points=c.NUM_POINTS, ref_mlp_dim=c.REF_MLP_DIM,
@@ -121,7 +127,7 @@ class CMTTransformerDecoder(nn.Module):
                 # DeepLab2's ResizedFuse: project the stride-32 path, upsample, add res4.
                 x = F.interpolate(self.fuse4(x), size=features["res4"].shape[-2:], mode="bilinear",
                                   align_corners=False)
-                x = self.act(x + features["res4"])
+                x = self.act(add_(x, features["res4"]))
             C_in = C
             x, out = block(x, C, S, e)
             C, S, e = out["centers"], out["logits"], out.get("ref_embed")
@@ -133,7 +139,7 @@ class CMTTransformerDecoder(nn.Module):
             # No stride-16 blocks: the pixel decoder still starts at stride 16.
             x = F.interpolate(self.fuse4(x), size=features["res4"].shape[-2:], mode="bilinear",
                               align_corners=False)
-            x = self.act(x + features["res4"])
+            x = self.act(add_(x, features["res4"]))
         return {"pixels": x, "centers": C, "assignment": S, "layers": layers}
 
 
