@@ -14,6 +14,8 @@ from cmt_cops_d2.modeling.layers import (
     relative_distance_index,
 )
 
+from .norms import randomize_batch_norms
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -26,15 +28,7 @@ def _one_thread():
 
 def _randomize_norms(module: nn.Module, seed: int = 0):
     """Random gamma / beta / running statistics so that every norm matters in the comparison."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g))
-                m.running_mean.copy_(torch.randn(c, generator=g))
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    randomize_batch_norms(module, seed)
 
 
 def _norm(bn: nn.BatchNorm2d, t: torch.Tensor, training: bool) -> torch.Tensor:

@@ -8,6 +8,8 @@ from torch.nn.functional import gelu
 
 from cmt_cops_d2.modeling.cmt.cmt_layer import CMTLayer, pixel_coordinates
 
+from ..norms import randomize_batch_norms
+
 B, PIX, DC, DB, DK, DV, HEADS, N, M, H, W = 2, 16, 12, 8, 8, 8, 2, 5, 3, 4, 6
 FFN, MLP = 16, 10
 SWITCHES = ("use_cluster_update", "use_assignment_residual", "use_pixel_update",
@@ -21,14 +23,7 @@ def make(seed=0, first_layer=False, randomize=True, **switches):
     if randomize:
         # Every norm an arbitrary affine map (the zero-initialised output scales included), so that
         # every path shows in the output and a missing or misplaced norm changes it.
-        g = torch.Generator().manual_seed(seed + 100)
-        for m in layer.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                with torch.no_grad():
-                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                    m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+        randomize_batch_norms(layer, seed + 100, shift_scale=0.2)
     return layer.eval()
 
 

@@ -12,6 +12,7 @@ from cmt_cops_d2.data.mappers import build_train_mapper
 from cmt_cops_d2.engine import Trainer, setup_cfg
 
 from ...conftest import CONFIG_DIR
+from ..norms import randomize_batch_norms
 
 TINY = os.path.join(CONFIG_DIR, "synthetic", "cmt_tiny.yaml")
 SWITCHES = ["USE_CLUSTER_UPDATE", "USE_ASSIGNMENT_RESIDUAL", "USE_PIXEL_UPDATE", "USE_REFERENCE_MASK",
@@ -102,15 +103,7 @@ def test_inference_without_autograd_equals_the_unfolded_network(tiny_synthetic):
     # No autograd: batch norms folded into convs and the axial attention, activations and residual
     # adds in place. The result must be the network's ordinary eval-mode output.
     torch.manual_seed(0)
-    model = build_model(tiny_cfg()).double().eval()
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    model = randomize_batch_norms(build_model(tiny_cfg()).double().eval(), shift_scale=0.1)
     x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
 
     def network():
