@@ -47,19 +47,25 @@ def final_pq(output_dir: str) -> Optional[Dict[str, float]]:
         return None
     found = None
     with open(path) as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not JSON ({e}); delete the run's folder to "
+                                 "train it again") from e
             if "panoptic_seg/PQ" in record:
                 found = {k: record[f"panoptic_seg/{k}"] for k in ("PQ", "PQ_th", "PQ_st")}
     return found
 
 
-def run(name: str, opts: List[str], seed: int, args) -> Dict[str, float]:
+def run_folder(output_dir: str, name: str, seed: int) -> str:
+    """``output_dir/<row name as a slug>_seed<seed>``."""
     slug = name.lower().replace("+ ", "").replace(" ", "_").replace("(", "").replace(")", "")
-    out = os.path.join(args.output_dir, f"{slug}_seed{seed}")
+    return os.path.join(output_dir, f"{slug}_seed{seed}")
+
+
+def run(name: str, opts: List[str], seed: int, args) -> Dict[str, float]:
+    out = run_folder(args.output_dir, name, seed)
     result = None if args.retrain else final_pq(out)
     if result is None:
         iters = [] if args.iters is None else ["SOLVER.MAX_ITER", str(args.iters)]

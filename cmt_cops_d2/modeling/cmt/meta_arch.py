@@ -118,6 +118,7 @@ class CMTDeepLab(nn.Module):
         return images
 
     def network(self, images: torch.Tensor) -> Dict:
+        """Normalised, padded B x 3 x H x W images -> the head's output dict (see :class:`CMTHead`)."""
         return self.sem_seg_head(self.backbone(images), images)
 
     def padded_size(self, image: torch.Tensor) -> Tuple[int, int]:

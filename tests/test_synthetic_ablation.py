@@ -1,0 +1,63 @@
+"""tools/synthetic_ablation.py: reading a run's result, rows, and the table it prints."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+from .conftest import CONFIG_DIR
+
+ROOT = os.path.dirname(CONFIG_DIR)
+spec = importlib.util.spec_from_file_location("synthetic_ablation",
+                                              os.path.join(ROOT, "tools", "synthetic_ablation.py"))
+ablation = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation)
+
+
+def _metrics(folder, records):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+
+
+def test_final_pq_is_the_last_evaluation(tmp_path):
+    assert ablation.final_pq(str(tmp_path / "missing")) is None
+    _metrics(tmp_path / "run", [{"iteration": 9, "total_loss": 3.0},
+                                {"iteration": 9, "panoptic_seg/PQ": 10.0, "panoptic_seg/PQ_th": 5.0,
+                                 "panoptic_seg/PQ_st": 20.0},
+                                {"iteration": 19, "panoptic_seg/PQ": 12.5, "panoptic_seg/PQ_th": 6.0,
+                                 "panoptic_seg/PQ_st": 25.0}])
+    assert ablation.final_pq(str(tmp_path / "run")) == {"PQ": 12.5, "PQ_th": 6.0, "PQ_st": 25.0}
+    _metrics(tmp_path / "no_eval", [{"iteration": 9, "total_loss": 3.0}])
+    assert ablation.final_pq(str(tmp_path / "no_eval")) is None
+
+
+def test_a_corrupt_metrics_file_is_an_error_naming_it(tmp_path):
+    _metrics(tmp_path / "bad", [{"iteration": 9}, "{not json"])
+    with pytest.raises(ValueError, match=r"metrics.json, line 2: not JSON"):
+        ablation.final_pq(str(tmp_path / "bad"))
+
+
+def test_rows_follow_the_papers_order_and_the_last_is_the_config_itself():
+    names = [name for name, _ in ablation.ROWS]
+    assert names[0].startswith("MaX-DeepLab baseline") and names[-1].endswith("(CMT-DeepLab)")
+    assert ablation.ROWS[-1][1] == []
+    baseline = dict(zip(ablation.ROWS[0][1][::2], ablation.ROWS[0][1][1::2]))
+    assert baseline["MODEL.CMT.INSDIS_TYPE"] == "instance"
+    assert all(baseline[f"MODEL.CMT.{s}"] == "False" for s in
+               ("USE_CLUSTER_UPDATE", "USE_ASSIGNMENT_RESIDUAL", "USE_PIXEL_UPDATE", "USE_REFERENCE_MASK",
+                "USE_COORD_CONV"))
+
+
+def test_existing_results_are_tabulated_without_training(tmp_path, capsys):
+    for name, _ in ablation.ROWS:
+        for seed, pq in ((0, 40.0), (1, 44.0)):
+            _metrics(ablation.run_folder(str(tmp_path), name, seed), [{"panoptic_seg/PQ": pq, "panoptic_seg/PQ_th": pq - 20,
+                                                        "panoptic_seg/PQ_st": pq + 20}])
+    ablation.main(["--seeds", "0", "1", "--output-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "running:" not in out
+    assert out.count("| 42.00 +- 2.00 | 22.00 +- 2.00 | 62.00 +- 2.00 | 40.00 / 44.00 |") == len(ablation.ROWS)
+    with pytest.raises(SystemExit):
+        ablation.main(["--rows", "9", "--output-dir", str(tmp_path)])
