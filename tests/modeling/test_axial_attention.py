@@ -12,6 +12,7 @@ from cmt_cops_d2.modeling.layers import (
     batch_norm_affine,
     drop_path,
     relative_distance_index,
+    set_inference_shortcuts,
 )
 
 from .norms import randomize_batch_norms
@@ -101,7 +102,7 @@ def test_matches_dense_reference_eval(axis, stride, autograd):
     # max_span=3 < L=5 or 6: far pairs exercise the clipping of the relative distance.
     att = AxialAttention(6, 4, 8, axis=axis, num_heads=2, max_span=3, stride=stride).double()
     _randomize_norms(att)
-    att.eval()
+    set_inference_shortcuts(att.eval())
     x = torch.randn(2, 6, 5, 6, dtype=torch.double)
     with torch.set_grad_enabled(autograd):
         y = att(x)
@@ -119,7 +120,7 @@ def test_folded_inference_matches_unfolded_with_position_terms_off(terms):
     att = AxialAttention(6, 4, 8, axis="width", num_heads=2, max_span=4, use_query_rpe=use_q,
                          use_key_rpe=use_k, use_value_rpe=use_v).double()
     _randomize_norms(att, seed=2)
-    att.eval()
+    set_inference_shortcuts(att.eval())
     x = torch.randn(2, 6, 5, 7, dtype=torch.double)
     with torch.no_grad():
         folded = att(x)
@@ -131,7 +132,7 @@ def test_folded_inference_matches_unfolded_with_position_terms_off(terms):
 def test_group_norm_attention_is_not_folded():
     # GN normalises each map by its own statistics: there is no per-channel affine to fold.
     torch.manual_seed(3)
-    att = AxialAttention(8, 32, 32, num_heads=2, norm="GN").eval()  # qkv: 96 channels, 32 groups
+    att = set_inference_shortcuts(AxialAttention(8, 32, 32, num_heads=2, norm="GN").eval())  # 32 groups
     x = torch.randn(1, 8, 4, 5)
     with torch.no_grad():
         assert batch_norm_affine(att.similarity_norm) is None

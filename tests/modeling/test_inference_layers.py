@@ -18,6 +18,7 @@ from cmt_cops_d2.modeling.layers import (
     conv_norm,
     folded_conv_weights,
     get_activation,
+    set_inference_shortcuts,
 )
 
 
@@ -38,7 +39,7 @@ def test_folded_conv_equals_conv_then_norm(norm, kernel, stride, dilation, group
     torch.manual_seed(0)
     conv = conv_norm(8, 8, kernel, stride=stride, dilation=dilation, groups=groups, norm=norm)
     _random_statistics(conv.norm)
-    conv.eval()
+    set_inference_shortcuts(conv.eval())
     x = torch.randn(2, 8, 9, 11, dtype=torch.float64)
     conv.double()
     with torch.no_grad():
@@ -51,8 +52,8 @@ def test_folded_conv_equals_conv_then_norm(norm, kernel, stride, dilation, group
 
 def test_folding_keeps_the_conv_bias_and_the_activation():
     torch.manual_seed(1)
-    conv = ConvNorm(4, 6, 3, padding=1, bias=True, norm=nn.BatchNorm2d(6),
-                    activation=nn.ReLU()).double().eval()
+    conv = set_inference_shortcuts(ConvNorm(4, 6, 3, padding=1, bias=True, norm=nn.BatchNorm2d(6),
+                                            activation=nn.ReLU()).double().eval())
     _random_statistics(conv.norm, seed=1)
     x = torch.randn(1, 4, 5, 5, dtype=torch.float64)
     with torch.no_grad():
@@ -82,7 +83,7 @@ def test_no_folding_with_autograd_batch_statistics_or_group_norm():
 
 
 def test_folding_leaves_parameters_and_state_dict_unchanged():
-    conv = conv_norm(4, 4, 3, norm="BN").eval()
+    conv = set_inference_shortcuts(conv_norm(4, 4, 3, norm="BN").eval())
     _random_statistics(conv.norm, seed=3)
     before = {k: v.clone() for k, v in conv.state_dict().items()}
     with torch.no_grad():
@@ -94,7 +95,7 @@ def test_folding_leaves_parameters_and_state_dict_unchanged():
 
 @pytest.mark.parametrize("name,fn", [("gelu", F.gelu), ("relu", F.relu)])
 def test_inplace_activation_only_without_autograd(name, fn):
-    act = get_activation(name, inplace=True)
+    act = set_inference_shortcuts(get_activation(name, inplace=True))
     assert isinstance(act, GELU if name == "gelu" else ReLU)
     x = torch.randn(100)
     expected = fn(x)
@@ -114,6 +115,30 @@ def test_inplace_activation_only_without_autograd(name, fn):
     with torch.no_grad():
         out = get_activation(name)(t)
     assert torch.equal(t, x) and torch.equal(out, expected)
+
+
+def test_shortcuts_are_off_until_switched_on():
+    """Without :func:`set_inference_shortcuts`, no-grad eval runs the ordinary computation: the
+    norm module runs (a forward hook sees it) and activations leave their input alone."""
+    conv = conv_norm(4, 4, 3, norm="BN").eval()
+    _random_statistics(conv.norm, seed=4)
+    calls = []
+    conv.norm.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(1, 4, 5, 5)
+    with torch.no_grad():
+        plain = conv(x)
+        assert len(calls) == 1
+        set_inference_shortcuts(conv)
+        folded = conv(x)
+        assert len(calls) == 1                                  # folded: the norm did not run
+        set_inference_shortcuts(conv, False)
+        conv(x)
+        assert len(calls) == 2
+    torch.testing.assert_close(plain, folded, rtol=1e-5, atol=1e-5)
+    act, t = get_activation("gelu", inplace=True), torch.randn(10)
+    with torch.no_grad():
+        out = act(t)
+    assert out.data_ptr() != t.data_ptr()
 
 
 def test_add_writes_into_the_temporary_only_without_autograd():

@@ -28,7 +28,8 @@ from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 from torch import nn
 
-from ..layers import ConvNorm, attention_norm, batch_norm_affine, conv_norm, get_activation
+from ..layers import (ConvNorm, InferenceShortcuts, attention_norm, batch_norm_affine, conv_norm,
+                      get_activation)
 from .cmt_layer import resize_assignment_logits
 
 __all__ = ["CMT_PREDICTOR_REGISTRY", "MaXPredictor", "separable_head", "build_predictor",
@@ -65,7 +66,7 @@ def separable_head(channels: int, out_channels: int, *, norm: str, activation: s
 
 
 @CMT_PREDICTOR_REGISTRY.register()
-class MaXPredictor(nn.Module):
+class MaXPredictor(nn.Module, InferenceShortcuts):
     """MaX-DeepLab's head (see the module docstring)."""
 
     @configurable
@@ -116,7 +117,7 @@ class MaXPredictor(nn.Module):
                     S: Optional[torch.Tensor]) -> torch.Tensor:
         """Eq. (4)/(6) at stride 4: ``BN(f . k) (+ S)``, B x N x H x W."""
         kernels = self.mask_head(self.act(self.mask_feature(self._centers_map(C))))[..., 0]  # B x d x N
-        affine = batch_norm_affine(self.mask_norm)
+        affine = batch_norm_affine(self.mask_norm) if self.shortcuts_apply() else None
         if affine is not None:
             # Inference: the single-channel norm is a scalar affine map, folded into the kernels.
             scale, shift = affine

@@ -2,26 +2,31 @@
 
 At 1281 x 1281 every activation of a stride-2 or stride-4 feature map is a fresh tensor of 100-200 MB,
 which the allocator maps and zeroes on every forward pass. ``get_activation(name, inplace=True)``
-returns an activation that overwrites its input when autograd is off (GeLU cannot be in place under
+returns an activation that overwrites its input once the inference shortcuts are on
+(:func:`~.inference.set_inference_shortcuts`) and autograd is off (GeLU cannot be in place under
 autograd, which needs its input for the backward pass; training is unchanged), so it must only be
-applied to temporaries that nothing else holds.
+applied to temporaries that nothing else holds. ``add_`` writes a sum into its first operand whenever
+autograd is off (only ever called on temporaries; no shortcut to switch on).
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .inference import InferenceShortcuts
+
 __all__ = ["GELU", "ReLU", "get_activation", "add_"]
 
 
-class GELU(nn.GELU):
-    """``nn.GELU`` (exact, erf-based) that overwrites its input when ``inplace`` and autograd is off."""
+class GELU(nn.GELU, InferenceShortcuts):
+    """``nn.GELU`` (exact, erf-based) that overwrites its input when ``inplace`` and the inference
+    shortcuts apply."""
 
     def __init__(self, inplace: bool = False):
         super().__init__()
         self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace and not torch.is_grad_enabled():
+        if self.inplace and self.shortcuts_apply():
             return torch.ops.aten.gelu_(x)
         return F.gelu(x)
 
@@ -29,12 +34,12 @@ class GELU(nn.GELU):
         return "inplace=True" if self.inplace else ""
 
 
-class ReLU(nn.ReLU):
-    """``nn.ReLU`` that overwrites its input only when ``inplace`` and autograd is off (training keeps
-    the out-of-place graph, like :class:`GELU`)."""
+class ReLU(nn.ReLU, InferenceShortcuts):
+    """``nn.ReLU`` that overwrites its input only when ``inplace`` and the inference shortcuts apply
+    (training keeps the out-of-place graph, like :class:`GELU`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.inplace and not torch.is_grad_enabled():
+        if self.inplace and self.shortcuts_apply():
             return x.relu_()
         return F.relu(x)
 

@@ -41,6 +41,7 @@ from torch import nn
 from detectron2.layers import get_norm
 
 from .conv_norm import batch_norm_affine, conv_then_norm
+from .inference import InferenceShortcuts
 
 __all__ = ["AxialAttention", "AxialAttention2D", "relative_distance_index", "attention_norm"]
 
@@ -76,7 +77,7 @@ def attention_norm(norm, num_channels: int, num_groups: Optional[int] = None) ->
     return nn.Identity() if module is None else module
 
 
-class AxialAttention(nn.Module):
+class AxialAttention(nn.Module, InferenceShortcuts):
     """Position-sensitive multi-head self-attention along one axis of an ``[N, C, H, W]`` map.
 
     Args:
@@ -168,13 +169,14 @@ class AxialAttention(nn.Module):
             ``[N, value_channels, H', W']`` with the attended axis subsampled by ``stride``
             (``H' = ceil(H / stride)`` for the height axis, else ``H' = H``; likewise ``W'``).
         """
-        similarity_affine = batch_norm_affine(self.similarity_norm)
-        output_affine = batch_norm_affine(self.output_norm)
-        if similarity_affine is not None and output_affine is not None:
-            return self._forward_folded(x, similarity_affine[0], output_affine)
+        if self.shortcuts_apply():
+            similarity_affine = batch_norm_affine(self.similarity_norm)
+            output_affine = batch_norm_affine(self.output_norm)
+            if similarity_affine is not None and output_affine is not None:
+                return self._forward_folded(x, similarity_affine[0], output_affine)
         n = x.shape[0]
         heads, K, V = self.num_heads, self.key_channels, self.value_channels
-        qkv = conv_then_norm(x, self.qkv, self.qkv_norm)
+        qkv = self.qkv_norm(self.qkv(x))
         if self.axis == "height":
             qkv = qkv.transpose(2, 3)  # [N, C, W, H]: the attended axis is last
         O, L = qkv.shape[-2:]
@@ -213,7 +215,7 @@ class AxialAttention(nn.Module):
         return y.contiguous()
 
     def _forward_folded(self, x: torch.Tensor, similarity_scale: torch.Tensor, output_affine):
-        """:meth:`forward` with eval-mode batch norms folded in (autograd off), same result.
+        """:meth:`forward` with eval-mode batch norms folded in (the inference shortcuts), same result.
 
         Each similarity norm scales its term per head: the scale goes onto ``q`` or ``k`` before the
         product, and its shift, constant along the softmax axis, drops out. Each output norm is a scale

@@ -7,10 +7,11 @@ A batch norm in eval mode is an affine map per channel, so it folds into the con
 
 (as ``torch.nn.utils.fusion.fuse_conv_bn_weights``, whose scale and shift the axial attention's norms
 reuse). Folding skips the norm's pass over the output and
-its output tensor: at 1281 x 1281 that is several GB of memory traffic per forward pass. It is done on
-the fly, only when autograd is off and the norm uses running statistics (``model.eval()`` under
-``torch.no_grad()``, as Detectron2's evaluators and ``DefaultPredictor`` run), so parameters, state
-dicts, checkpoints and training are untouched. Group norm, and batch norm in training mode, are run as
+its output tensor: at 1281 x 1281 that is several GB of memory traffic per forward pass. It is one of
+the inference shortcuts (:mod:`.inference`): done on the fly once they are switched on, only when
+autograd is off and the norm uses running statistics (``model.eval()`` under ``torch.no_grad()``, as
+Detectron2's evaluators and ``DefaultPredictor`` run), so parameters, state dicts, checkpoints and
+training are untouched. Group norm, and batch norm in training mode, are run as
 usual. On CPU the folded convolutions run channels-last (oneDNN is up to 2x faster on such inputs;
 measured on 1x1 and depthwise 5x5 convolutions at stride 4), so inference outputs of these layers are
 channels-last tensors.
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from detectron2.layers import Conv2d, FrozenBatchNorm2d, get_norm
+
+from .inference import InferenceShortcuts
 
 __all__ = ["ConvNorm", "conv_norm", "batch_norm_affine", "folded_conv_weights", "conv_then_norm"]
 
@@ -67,13 +70,13 @@ def conv_then_norm(x: torch.Tensor, conv: nn.Conv2d, norm: Optional[nn.Module]) 
     return F.conv2d(x, folded[0], folded[1], conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
-class ConvNorm(Conv2d):
+class ConvNorm(Conv2d, InferenceShortcuts):
     """Detectron2's ``Conv2d`` (``conv.norm``, ``conv.activation``) that folds an eval-mode batch norm
-    into the convolution when autograd is off (see the module docstring). Same parameters and state
-    dict as ``Conv2d``."""
+    into the convolution when the inference shortcuts are on and autograd is off (see the module
+    docstring). Same parameters and state dict as ``Conv2d``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        folded = folded_conv_weights(self.weight, self.bias, self.norm)
+        folded = folded_conv_weights(self.weight, self.bias, self.norm) if self.shortcuts_apply() else None
         if folded is None:
             return super().forward(x)
         weight = folded[0]

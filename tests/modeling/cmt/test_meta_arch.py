@@ -100,8 +100,9 @@ def test_parameter_breakdown_is_deeplab2s_stronger_decoder_plus_the_cmt_parts():
 
 
 def test_inference_without_autograd_equals_the_unfolded_network(tiny_synthetic):
-    # No autograd: batch norms folded into convs and the axial attention, activations and residual
-    # adds in place. The result must be the network's ordinary eval-mode output.
+    # eval() switches the inference shortcuts on; without autograd batch norms are folded into convs
+    # and the axial attention, activations and residual adds work in place. The result must be the
+    # network's ordinary eval-mode output.
     torch.manual_seed(0)
     model = randomize_batch_norms(build_model(tiny_cfg()).double().eval(), shift_scale=0.1)
     x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
@@ -117,6 +118,18 @@ def test_inference_without_autograd_equals_the_unfolded_network(tiny_synthetic):
         torch.testing.assert_close(fast[key], reference[key].detach(), rtol=1e-9, atol=1e-9)
     for a, b in zip(fast["aux_outputs"], reference["aux_outputs"]):
         torch.testing.assert_close(a["pred_masks"], b["pred_masks"].detach(), rtol=1e-9, atol=1e-9)
+
+
+def test_eval_switches_the_inference_shortcuts_on_and_train_off(tiny_synthetic):
+    from cmt_cops_d2.modeling.layers import InferenceShortcuts
+
+    model = build_model(tiny_cfg())
+    layers = [m for m in model.modules() if isinstance(m, InferenceShortcuts)]
+    assert len(layers) > 50 and not any(m.inference_shortcuts for m in layers)
+    model.eval()
+    assert all(m.inference_shortcuts for m in layers)
+    model.train()
+    assert not any(m.inference_shortcuts for m in layers)
 
 
 @pytest.fixture(scope="module")
