@@ -2,7 +2,7 @@
 """Prepare a Detectron2 source tree so that it builds and runs on the current stack.
 
 Called by ``tools/install.sh``; not imported by the plugin. It is the one place that holds the
-environment workarounds the project needs (DEVELOPERS.md, "Installation facts"):
+environment workarounds the project needs:
 
 * Detectron2 v0.6 predates Pillow>=10, numpy>=1.24, numpy 2 and setuptools>=81; each fix below is the
   one upstream Detectron2 made later (commit named in the comment). On a newer source tree (the

@@ -1,6 +1,6 @@
 """Reference baseline: greedy contraction with *stale* gains, as the public LPMP AMWC GAEC behaves.
 
-Re-implemented from the description in ``shared/notes/cops_anchor.md`` §1a (no code copied) to serve
+Re-implemented from a description of LPMP's AMWC greedy contraction (no code copied) to serve
 as the energy / speed baseline of ``tools/benchmark_amwc.py`` and of the tests. Behaviour kept on
 purpose:
 

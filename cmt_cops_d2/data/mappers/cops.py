@@ -48,8 +48,8 @@ from .panoptic_io import load_augmented_panoptic
 
 __all__ = ["COPSPanopticMapper", "cops_edge_targets"]
 
-# COCO edge distances on the stride-4 grid (public COPS COCO yaml uses [1, 4, 16, 32]; the brief and
-# the Cityscapes setting add 64).
+# COCO edge distances on the stride-4 grid (public COPS COCO yaml uses [1, 4, 16, 32]; the paper's
+# setting and the Cityscapes one add 64).
 DEFAULT_EDGE_DISTANCES = (1, 4, 16, 32, 64)
 
 

@@ -1,7 +1,7 @@
 """Config keys of COPS (``cfg.MODEL.COPS``).
 
-Defaults are the paper's (Sec. 4) or, where the paper is silent, the public COPS code's
-(``/work/shared/notes/cops_anchor.md`` Sec. 0, 1a, 4); "(choice)" marks our own choices.
+Defaults are the paper's (Sec. 4) or, where the paper is silent, the public COPS code's; "(choice)"
+marks our own choices.
 
 Other keys the COPS meta-architecture reads:
 
