@@ -116,6 +116,11 @@ class CMTTransformerDecoder(nn.Module):
                                  **cmt_switches(cfg)),
         }
 
+    def fuse_res4(self, x: torch.Tensor, res4: torch.Tensor) -> torch.Tensor:
+        """DeepLab2's ResizedFuse: project the stride-32 path, upsample, add ``res4``, activate."""
+        x = F.interpolate(self.fuse4(x), size=res4.shape[-2:], mode="bilinear", align_corners=False)
+        return self.act(add_(x, res4))
+
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict:
         B = features["res5"].shape[0]
         C = self.centers.weight.unsqueeze(0).expand(B, -1, -1)
@@ -124,10 +129,7 @@ class CMTTransformerDecoder(nn.Module):
         x = features["res5"]
         for i, block in enumerate(list(self.stage5) + list(self.stage4)):
             if i == len(self.stage5):
-                # DeepLab2's ResizedFuse: project the stride-32 path, upsample, add res4.
-                x = F.interpolate(self.fuse4(x), size=features["res4"].shape[-2:], mode="bilinear",
-                                  align_corners=False)
-                x = self.act(add_(x, features["res4"]))
+                x = self.fuse_res4(x, features["res4"])
             C_in = C
             x, out = block(x, C, S, e)
             C, S, e = out["centers"], out["logits"], out.get("ref_embed")
@@ -137,9 +139,7 @@ class CMTTransformerDecoder(nn.Module):
             layers.append(layer)
         if not self.stage4:
             # No stride-16 blocks: the pixel decoder still starts at stride 16.
-            x = F.interpolate(self.fuse4(x), size=features["res4"].shape[-2:], mode="bilinear",
-                              align_corners=False)
-            x = self.act(add_(x, features["res4"]))
+            x = self.fuse_res4(x, features["res4"])
         return {"pixels": x, "centers": C, "assignment": S, "layers": layers}
 
 

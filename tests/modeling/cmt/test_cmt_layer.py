@@ -177,12 +177,17 @@ def test_residual_logits_are_resized_across_strides():
     assert torch.allclose(layer.assignment_logits(F, Cb, small), layer.assignment_logits(F, Cb, up))
 
 
+def bottleneck_and_assignment(layer):
+    """The layer's bottleneck features of the test inputs and an arbitrary assignment Z = softmax(S)."""
+    x, C, S, e = inputs()
+    F, Cb = layer.bottleneck(x, C, torch.sigmoid(e))
+    return x, C, F, Cb, torch.softmax(S, dim=1)
+
+
 @pytest.mark.parametrize("cluster", [True, False])
 def test_center_update_eq7_and_eq3(cluster):
     layer = make(use_cluster_update=cluster)
-    x, C, S, e = inputs()
-    F, Cb = layer.bottleneck(x, C, torch.sigmoid(e))
-    Z = torch.softmax(S, dim=1)
+    x, C, F, Cb, Z = bottleneck_and_assignment(layer)
     got, _ = layer.center_update(F, Cb, C, Z)
     expected, _ = dense_center_update(layer, F.flatten(2), Cb[..., 0], C, Z.flatten(2), cluster)
     assert torch.allclose(got, expected, atol=1e-5)
@@ -191,9 +196,7 @@ def test_center_update_eq7_and_eq3(cluster):
 @pytest.mark.parametrize("clustering", [True, False])
 def test_pixel_update_eq8_and_maxdeeplab_pixel_attention(clustering):
     layer = make(use_pixel_update=clustering)
-    x, C, S, e = inputs()
-    F, Cb = layer.bottleneck(x, C, torch.sigmoid(e))
-    Z = torch.softmax(S, dim=1)
+    x, C, F, Cb, Z = bottleneck_and_assignment(layer)
     _, (k_c, v_c) = layer.center_update(F, Cb, C, Z)
     got = layer.pixel_update(x, F, Z, (k_c, v_c))
     expected = dense_pixel_update(layer, x, F.flatten(2), Z.flatten(2), k_c[..., 0], v_c[..., 0], clustering)
