@@ -61,3 +61,15 @@ def test_existing_results_are_tabulated_without_training(tmp_path, capsys):
     assert out.count("| 42.00 +- 2.00 | 22.00 +- 2.00 | 62.00 +- 2.00 | 40.00 / 44.00 |") == len(ablation.ROWS)
     with pytest.raises(SystemExit):
         ablation.main(["--rows", "9", "--output-dir", str(tmp_path)])
+
+
+def test_each_clustering_row_switches_on_exactly_one_more_part():
+    """Rows 1-4 are cumulative: each adds one of eqs. 7 (clustering term), 6 (residual), 8 (pixel update)."""
+    switches = ("USE_CLUSTER_UPDATE", "USE_ASSIGNMENT_RESIDUAL", "USE_PIXEL_UPDATE")
+    on = []
+    for _, opts in ablation.ROWS[:4]:
+        values = {}
+        for key, value in zip(opts[::2], opts[1::2]):  # later entries override earlier ones, as in yacs
+            values[key] = value
+        on.append([s for s in switches if values[f"MODEL.CMT.{s}"] == "True"])
+    assert on == [[], list(switches[:1]), list(switches[:2]), list(switches)]

@@ -6,9 +6,11 @@ CPU runs slow each other far more than 2x), through ``tools/train_net.py``, and 
 PQ_st as mean and spread (half the max - min range) over the seeds. Rows, in the paper's order:
 
 1. MaX-DeepLab baseline: every CMT switch off, MaX-DeepLab's instance-wise discrimination loss;
-2. + clustering transformer: center clustering update, assignment residual, pixel update (Tab. 2a);
-3. + pixel-wise contrastive loss (Tab. 2a, eq. 14);
-4. + location: reference masks, coord-conv, mask approximation loss (Tab. 2b/2c) = CMT-DeepLab.
+2. + clustering center update (eq. 7's clustering term);
+3. + assignment residual (eq. 6, between layers);
+4. + pixel update (eq. 8); rows 2-4 together are Tab. 2a's "clustering transformer";
+5. + pixel-wise contrastive loss (Tab. 2a, eq. 14);
+6. + location: reference masks, coord-conv, mask approximation loss (Tab. 2b/2c) = CMT-DeepLab.
 
 Usage::
 
@@ -30,11 +32,15 @@ CONFIG = os.path.join(ROOT, "configs", "synthetic", "cmt_tiny.yaml")
 OFF = ["MODEL.CMT.USE_CLUSTER_UPDATE", "False", "MODEL.CMT.USE_ASSIGNMENT_RESIDUAL", "False",
        "MODEL.CMT.USE_PIXEL_UPDATE", "False", "MODEL.CMT.USE_REFERENCE_MASK", "False",
        "MODEL.CMT.USE_COORD_CONV", "False"]
-CLUSTERING = ["MODEL.CMT.USE_CLUSTER_UPDATE", "True", "MODEL.CMT.USE_ASSIGNMENT_RESIDUAL", "True",
-              "MODEL.CMT.USE_PIXEL_UPDATE", "True"]
+CENTER_UPDATE = ["MODEL.CMT.USE_CLUSTER_UPDATE", "True"]
+RESIDUAL = CENTER_UPDATE + ["MODEL.CMT.USE_ASSIGNMENT_RESIDUAL", "True"]
+CLUSTERING = RESIDUAL + ["MODEL.CMT.USE_PIXEL_UPDATE", "True"]
+INSTANCE_WISE = ["MODEL.CMT.INSDIS_TYPE", "instance"]
 ROWS = [
-    ("MaX-DeepLab baseline", OFF + ["MODEL.CMT.INSDIS_TYPE", "instance"]),
-    ("+ clustering transformer", OFF + CLUSTERING + ["MODEL.CMT.INSDIS_TYPE", "instance"]),
+    ("MaX-DeepLab baseline", OFF + INSTANCE_WISE),
+    ("+ clustering center update", OFF + CENTER_UPDATE + INSTANCE_WISE),
+    ("+ assignment residual", OFF + RESIDUAL + INSTANCE_WISE),
+    ("+ pixel update", OFF + CLUSTERING + INSTANCE_WISE),
     ("+ pixel-wise contrastive loss", OFF + CLUSTERING + ["MODEL.CMT.INSDIS_TYPE", "pixel"]),
     ("+ location (CMT-DeepLab)", []),
 ]
