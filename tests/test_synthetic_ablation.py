@@ -39,15 +39,38 @@ def test_a_corrupt_metrics_file_is_an_error_naming_it(tmp_path):
         ablation.final_pq(str(tmp_path / "bad"))
 
 
+def _values(opts):
+    values = {}
+    for key, value in zip(opts[::2], opts[1::2]):  # later entries override earlier ones, as in yacs
+        values[key] = value
+    return values
+
+
 def test_rows_follow_the_papers_order_and_the_last_is_the_config_itself():
     names = [name for name, _ in ablation.ROWS]
-    assert names[0].startswith("MaX-DeepLab baseline") and names[-1].endswith("(CMT-DeepLab)")
-    assert ablation.ROWS[-1][1] == []
-    baseline = dict(zip(ablation.ROWS[0][1][::2], ablation.ROWS[0][1][1::2]))
-    assert baseline["MODEL.CMT.INSDIS_TYPE"] == "instance"
-    assert all(baseline[f"MODEL.CMT.{s}"] == "False" for s in
-               ("USE_CLUSTER_UPDATE", "USE_ASSIGNMENT_RESIDUAL", "USE_PIXEL_UPDATE", "USE_REFERENCE_MASK",
-                "USE_COORD_CONV"))
+    assert names[0] == "MaX-S baseline" and names[3] == "stronger decoder baseline"
+    assert names[-1].endswith("(CMT-DeepLab)") and ablation.ROWS[-1][1] == []
+    for row in (0, 3):
+        baseline = _values(ablation.ROWS[row][1])
+        assert baseline["MODEL.CMT.INSDIS_TYPE"] == "instance"
+        assert all(baseline[f"MODEL.CMT.{s}"] == "False" for s in
+                   ("USE_CLUSTER_UPDATE", "USE_ASSIGNMENT_RESIDUAL", "USE_PIXEL_UPDATE", "USE_REFERENCE_MASK",
+                    "USE_COORD_CONV"))
+    layouts = [_values(opts).get("MODEL.CMT.TRANSFORMER_DECODER_NAME") for _, opts in ablation.ROWS]
+    assert layouts == ["MaXSTransformerDecoder"] * 3 + [None] * 6
+
+
+def test_the_max_s_rows_build_the_max_s_layout(tiny_synthetic):
+    import argparse
+
+    from detectron2.modeling import build_model
+
+    from cmt_cops_d2.engine import setup_cfg
+
+    for _, opts in ablation.ROWS[:3]:
+        cfg = setup_cfg(argparse.Namespace(config_file=ablation.CONFIG, opts=["MODEL.DEVICE", "cpu", *opts]))
+        t = build_model(cfg).sem_seg_head.transformer_decoder
+        assert (len(t.stage5), len(t.extra)) == (2, 1)
 
 
 def test_existing_results_are_tabulated_without_training(tmp_path, capsys):
@@ -60,16 +83,14 @@ def test_existing_results_are_tabulated_without_training(tmp_path, capsys):
     assert "running:" not in out
     assert out.count("| 42.00 +- 2.00 | 22.00 +- 2.00 | 62.00 +- 2.00 | 40.00 / 44.00 |") == len(ablation.ROWS)
     with pytest.raises(SystemExit):
-        ablation.main(["--rows", "9", "--output-dir", str(tmp_path)])
+        ablation.main(["--rows", str(len(ablation.ROWS) + 1), "--output-dir", str(tmp_path)])
 
 
 def test_each_clustering_row_switches_on_exactly_one_more_part():
-    """Rows 1-4 are cumulative: each adds one of eqs. 7 (clustering term), 6 (residual), 8 (pixel update)."""
+    """Rows 4-7 are cumulative: each adds one of eqs. 7 (clustering term), 6 (residual), 8 (pixel update)."""
     switches = ("USE_CLUSTER_UPDATE", "USE_ASSIGNMENT_RESIDUAL", "USE_PIXEL_UPDATE")
     on = []
-    for _, opts in ablation.ROWS[:4]:
-        values = {}
-        for key, value in zip(opts[::2], opts[1::2]):  # later entries override earlier ones, as in yacs
-            values[key] = value
+    for _, opts in ablation.ROWS[3:7]:
+        values = _values(opts)
         on.append([s for s in switches if values[f"MODEL.CMT.{s}"] == "True"])
     assert on == [[], list(switches[:1]), list(switches[:2]), list(switches)]

@@ -3,14 +3,25 @@
 
 Trains ``configs/synthetic/cmt_tiny.yaml`` once per row and seed, one run at a time (two concurrent
 CPU runs slow each other far more than 2x), through ``tools/train_net.py``, and prints PQ / PQ_th /
-PQ_st as mean and spread (half the max - min range) over the seeds. Rows, in the paper's order:
+PQ_st as mean and spread (half the max - min range) over the seeds. Rows, in the paper's order
+(Table 2c, with Table 2a's steps on the stronger decoder):
 
-1. MaX-DeepLab baseline: every CMT switch off, MaX-DeepLab's instance-wise discrimination loss;
-2. + clustering center update (eq. 7's clustering term);
-3. + assignment residual (eq. 6, between layers);
-4. + pixel update (eq. 8); rows 2-4 together are Tab. 2a's "clustering transformer";
-5. + pixel-wise contrastive loss (Tab. 2a, eq. 14);
-6. + location: reference masks, coord-conv, mask approximation loss (Tab. 2b/2c) = CMT-DeepLab.
+On MaX-DeepLab-S's layout (``MaXSTransformerDecoder``: stage 5 at stride 16 with a transformer layer
+after each axial block, one extra block; tiny: 2 + 1 blocks):
+
+1. MaX-S baseline: every CMT switch off, MaX-DeepLab's instance-wise discrimination loss;
+2. MaX-S + clustering update: center update, assignment residual, pixel update and the pixel-wise
+   contrastive loss (Table 2c's "clustering update" = Table 2a's last row);
+3. MaX-S + location: reference masks, coord-conv, mask approximation loss, no clustering update.
+
+On the stronger decoder (cmt_tiny's 2 + 2 dual-path blocks), cumulative:
+
+4. stronger decoder baseline: every CMT switch off, instance-wise discrimination;
+5. + clustering center update (eq. 7's clustering term);
+6. + assignment residual (eq. 6, between layers);
+7. + pixel update (eq. 8); rows 5-7 together are Table 2a's "clustering transformer";
+8. + pixel-wise contrastive loss (Table 2a, eq. 14);
+9. + location: reference masks, coord-conv, mask approximation loss (Table 2b/2c) = CMT-DeepLab.
 
 Usage::
 
@@ -36,8 +47,14 @@ CENTER_UPDATE = ["MODEL.CMT.USE_CLUSTER_UPDATE", "True"]
 RESIDUAL = CENTER_UPDATE + ["MODEL.CMT.USE_ASSIGNMENT_RESIDUAL", "True"]
 CLUSTERING = RESIDUAL + ["MODEL.CMT.USE_PIXEL_UPDATE", "True"]
 INSTANCE_WISE = ["MODEL.CMT.INSDIS_TYPE", "instance"]
+LOCATION = ["MODEL.CMT.USE_REFERENCE_MASK", "True", "MODEL.CMT.USE_COORD_CONV", "True"]
+MAX_S = ["MODEL.CMT.TRANSFORMER_DECODER_NAME", "MaXSTransformerDecoder", "MODEL.CMT.STAGE_BLOCKS", "[2, 1]",
+         "MODEL.AXIAL_RESNET.OUT_FEATURES", "['res2', 'res3', 'res4']"]
 ROWS = [
-    ("MaX-DeepLab baseline", OFF + INSTANCE_WISE),
+    ("MaX-S baseline", MAX_S + OFF + INSTANCE_WISE),
+    ("MaX-S + clustering update", MAX_S + OFF + CLUSTERING + ["MODEL.CMT.INSDIS_TYPE", "pixel"]),
+    ("MaX-S + location", MAX_S + OFF + LOCATION + INSTANCE_WISE),
+    ("stronger decoder baseline", OFF + INSTANCE_WISE),
     ("+ clustering center update", OFF + CENTER_UPDATE + INSTANCE_WISE),
     ("+ assignment residual", OFF + RESIDUAL + INSTANCE_WISE),
     ("+ pixel update", OFF + CLUSTERING + INSTANCE_WISE),

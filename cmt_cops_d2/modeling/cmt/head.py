@@ -23,7 +23,7 @@ from torch import nn
 
 from .pixel_decoder import build_pixel_decoder
 from .predictor import build_predictor
-from .transformer_decoder import build_transformer_decoder
+from .transformer_decoder import CMT_TRANSFORMER_DECODER_REGISTRY, build_transformer_decoder
 
 __all__ = ["CMTHead"]
 
@@ -39,10 +39,13 @@ class CMTHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        missing = {"res2", "res3", "res4", "res5"} - set(input_shape)
+        name = cfg.MODEL.CMT.TRANSFORMER_DECODER_NAME
+        needed = {"res2", "res3"} | set(CMT_TRANSFORMER_DECODER_REGISTRY.get(name).in_features)
+        missing = needed - set(input_shape)
         if missing:
-            raise ValueError(f"CMTDeepLab needs backbone features res2..res5; {sorted(missing)} are "
-                             "missing (MODEL.AXIAL_RESNET.OUT_FEATURES)")
+            raise ValueError(f"CMTDeepLab with MODEL.CMT.TRANSFORMER_DECODER_NAME={name} needs backbone "
+                             f"features {sorted(needed)}; {sorted(missing)} are missing "
+                             "(MODEL.AXIAL_RESNET.OUT_FEATURES)")
         transformer_decoder = build_transformer_decoder(cfg, input_shape)
         pixel_decoder = build_pixel_decoder(cfg, transformer_decoder.out_channels, input_shape)
         return {"transformer_decoder": transformer_decoder, "pixel_decoder": pixel_decoder,
