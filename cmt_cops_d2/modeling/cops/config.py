@@ -6,13 +6,16 @@ marks our own choices.
 Other keys the COPS meta-architecture reads:
 
 * ``MODEL.BACKBONE`` / ``MODEL.RESNETS``: the R-50 DeepLab backbone (``build_resnet_deeplab_backbone``).
-* ``MODEL.SEM_SEG_HEAD.*``: the semantic branch, Detectron2's ``PanopticDeepLabSemSegHead``
-  (DeepLabV3+ decoder + head + K-class predictor). Its ``LOSS_TOP_K`` is *replaced* by
+* ``MODEL.SEM_SEG_HEAD.*``: the semantic branch, ``COPSSemSegHead`` (Detectron2's
+  ``PanopticDeepLabSemSegHead`` with the public COPS head: DeepLabV3+ decoder + two dense 3x3 convs +
+  K-class predictor). Its ``LOSS_TOP_K`` is *replaced* by
   ``MODEL.COPS.SEMANTIC_TOP_K``; its ``LOSS_WEIGHT`` weights the semantic loss.
 * ``MODEL.INS_EMBED_HEAD.{IN_FEATURES, PROJECT_FEATURES, PROJECT_CHANNELS, ASPP_CHANNELS,
   ASPP_DILATIONS, ASPP_DROPOUT, CONVS_DIM, NORM}``: the affinity branch's own DeepLabV3+ decoder (the
   public COPS code also configures its affinity branch through ``INS_EMBED_HEAD``).
-* ``MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV``: also used by the affinity decoder.
+* ``MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV``: depthwise-separable ASPP branches and fuse convs
+  in both DeepLabV3+ decoders (public COPS configs: True); the semantic head after the decoder stays
+  two dense 3x3 convs either way (``COPSSemSegHead``).
 """
 from detectron2.config import CfgNode as CN
 
@@ -42,6 +45,10 @@ def add_cops_config(cfg: CN) -> CN:
     # Fraction of hardest pixels of the semantic DeepLab top-k CE (Cityscapes 0.2, COCO 1.0).
     # Replaces MODEL.SEM_SEG_HEAD.LOSS_TOP_K.
     c.SEMANTIC_TOP_K = 0.2
+    # Which vertical and horizontal edge of distance d > 1 a predictor's last 1x1 conv mixes at one slot:
+    # "center" (the two edges centred at the same pixel, a "+"; public code; needs even distances) or
+    # "anchor" (the two edges starting at the same pixel, an "L"; this project before 2026-11-30).
+    c.EDGE_ALIGNMENT = "center"
     # Channels of the two 3x3 convs after cat(affinity decoder features, detached semantic logits)
     # (public yamls: 256). The per-distance predictors narrow to 1/4 and 1/8 of their input.
     c.AFFINITY_HEAD_CHANNELS = 256

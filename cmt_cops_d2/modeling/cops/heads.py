@@ -1,4 +1,11 @@
-"""COPS heads: the affinity branch and the cost module (paper Sec. 3.1; notes Sec. 0 and 4).
+"""COPS heads: the semantic branch, the affinity branch and the cost module (paper Sec. 3.1).
+
+Semantic branch (:class:`COPSSemSegHead`)
+-----------------------------------------
+Panoptic-DeepLab's: a DeepLabV3+ decoder (depthwise-separable ASPP branches and fuse convs with
+``MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV``, as the public COPS configs), then two dense 3x3
+conv + norm + ReLU and a 1x1 predictor to K logits. Detectron2's ``PanopticDeepLabSemSegHead`` swaps the
+two dense convs for one 5x5 separable conv when the flag is set; the public COPS head keeps them dense.
 
 Affinity branch (:class:`COPSAffinityHead`)
 ------------------------------------------
@@ -7,16 +14,22 @@ Affinity branch (:class:`COPSAffinityHead`)
 * ``cat(decoder features, semantic logits.detach())`` (stop-gradient: the affinity branch must not
   influence the semantic branch), then two 3x3 conv + norm + ReLU to ``C`` channels: the affinity
   features ``F`` (``B x C x h x w``).
-* One predictor per distance ``d``. Edge features, **anchor convention** of
-  ``cmt_cops_d2.solvers.graph`` (slot ``(r, c)`` holds the edge that starts at ``(r, c)``):
+* One predictor per distance ``d``: 3x3 conv to ``in/4`` and 3x3 conv to ``in/8`` (norm + ReLU;
+  grouped by direction, 2 groups, for ``d > 1``), then a 1x1 conv to 2 logits (channel 0 vertical,
+  1 horizontal), not grouped, so it mixes a vertical and a horizontal edge. Its input:
 
   - ``d = 1``: ``F`` itself (the 3x3 convs of the predictor see both endpoints);
-  - ``d > 1``: ``cat(F[r + d, c] - F[r, c], F[r, c + d] - F[r, c])`` (``2C`` channels, vertical then
-    horizontal), zero where the edge leaves the grid (:func:`edge_features`).
+  - ``d > 1``, ``MODEL.COPS.EDGE_ALIGNMENT "center"`` (the public code; ``d`` even, ``h = d / 2``):
+    ``cat(F[r + h, c] - F[r - h, c], F[r, c + h] - F[r, c - h])``, the vertical and the horizontal edge
+    *centred* at ``(r, c)`` (a "+"; :func:`centered_edge_features`); the logits are then moved to the
+    anchor slots below;
+  - ``d > 1``, ``"anchor"``: ``cat(F[r + d, c] - F[r, c], F[r, c + d] - F[r, c])``, the two edges
+    *starting* at ``(r, c)`` (an "L"; :func:`edge_features`).
 
-  Predictor: 3x3 conv to ``in/4`` and 3x3 conv to ``in/8`` (norm + ReLU; grouped by direction, 2 groups,
-  for ``d > 1``), then a 1x1 conv to 2 logits (channel 0 vertical, 1 horizontal). Logits of slots whose
-  edge leaves the grid are set to 0 (no edge there; the loss gives them weight 0, the solver ignores them).
+  Differences are zero where an edge leaves the grid. Output slots follow the **anchor convention** of
+  ``cmt_cops_d2.solvers.graph`` (slot ``(r, c)`` holds the edge that starts at ``(r, c)``) in both
+  modes; logits of slots whose edge leaves the grid are set to 0 (no edge there; the loss gives them
+  weight 0, the solver ignores them).
 
   Output: affinity logits ``B x D x 2 x h x w``; a logit is the score of "cut" (endpoints in different
   segments), trained with BCE towards the mapper's ``affinities`` (1 = cut).
@@ -34,11 +47,16 @@ import fvcore.nn.weight_init as weight_init
 import torch
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
+from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from detectron2.projects.deeplab import DeepLabV3PlusHead
+from detectron2.projects.panoptic_deeplab import PanopticDeepLabSemSegHead
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["COPSAffinityHead", "COPSCosts", "edge_features", "edge_valid_mask"]
+__all__ = ["COPSSemSegHead", "COPSAffinityHead", "COPSCosts", "edge_features", "centered_edge_features",
+           "edge_valid_mask", "EDGE_ALIGNMENTS"]
+
+EDGE_ALIGNMENTS = ("center", "anchor")
 
 
 def edge_features(feat: torch.Tensor, d: int) -> torch.Tensor:
@@ -59,6 +77,43 @@ def edge_features(feat: torch.Tensor, d: int) -> torch.Tensor:
     if d < w:
         hor[..., :, : w - d] = feat[..., :, d:] - feat[..., :, : w - d]
     return torch.cat([vert, hor], dim=1)
+
+
+def centered_edge_features(feat: torch.Tensor, d: int) -> torch.Tensor:
+    """Endpoint differences of the edges of even distance ``d`` centred at each slot (public COPS).
+
+    Args:
+        feat: ``B x C x h x w``.
+    Returns:
+        ``B x 2C x h x w``: with ``k = d // 2``, channels ``[:C]`` = ``feat[r + k, c] - feat[r - k, c]``
+        (vertical edges), ``[C:]`` = ``feat[r, c + k] - feat[r, c - k]`` (horizontal edges); 0 where an
+        endpoint leaves the grid.
+    """
+    if d % 2:
+        raise ValueError(f"centred edge features need an even distance, got {d}")
+    k = d // 2
+    vert = torch.zeros_like(feat)
+    hor = torch.zeros_like(feat)
+    h, w = feat.shape[-2:]
+    if d < h:
+        vert[..., k: h - k, :] = feat[..., d:, :] - feat[..., : h - d, :]
+    if d < w:
+        hor[..., :, k: w - k] = feat[..., :, d:] - feat[..., :, : w - d]
+    return torch.cat([vert, hor], dim=1)
+
+
+def centered_to_anchor_slots(logits: torch.Tensor, d: int) -> torch.Tensor:
+    """Move ``B x 2 x h x w`` logits of centred edges (slot = the edge's centre) to anchor slots (slot =
+    the edge's first endpoint): vertical ``[r, c] <- [r + d/2, c]``, horizontal ``[r, c] <- [r, c + d/2]``;
+    slots without an edge get 0."""
+    k = d // 2
+    out = torch.zeros_like(logits)
+    h, w = logits.shape[-2:]
+    if k < h:
+        out[:, 0, : h - k, :] = logits[:, 0, k:, :]
+    if k < w:
+        out[:, 1, :, : w - k] = logits[:, 1, :, k:]
+    return out
 
 
 def edge_valid_mask(h: int, w: int, distances: Sequence[int], device=None) -> torch.Tensor:
@@ -85,12 +140,33 @@ class _DistancePredictor(nn.Module):
         c1, c2 = max(in_channels // 4, groups), max(in_channels // 8, groups)
         c1, c2 = c1 - c1 % groups, c2 - c2 % groups
         self.convs = nn.Sequential(_conv(in_channels, c1, 3, norm, groups), _conv(c1, c2, 3, norm, groups))
-        self.predictor = Conv2d(c2, 2, kernel_size=1)  # not grouped (as the public code)
-        nn.init.normal_(self.predictor.weight, 0, 0.001)
-        nn.init.constant_(self.predictor.bias, 0)
+        self.predictor = Conv2d(c2, 2, kernel_size=1)  # not grouped, Xavier-filled (as the public code)
+        weight_init.c2_xavier_fill(self.predictor)
 
     def forward(self, x):
         return self.predictor(self.convs(x))
+
+
+@SEM_SEG_HEADS_REGISTRY.register()
+class COPSSemSegHead(PanopticDeepLabSemSegHead):
+    """Panoptic-DeepLab's semantic head with the public COPS head convs: two dense 3x3 conv + norm +
+    ReLU after the decoder whether or not the decoder is depthwise separable. Its loss is the DeepLab
+    top-k cross-entropy over ``MODEL.COPS.SEMANTIC_TOP_K`` of the pixels."""
+
+    @configurable
+    def __init__(self, input_shape: Dict[str, ShapeSpec], *, decoder_channels: List[int], norm: str,
+                 head_channels: int, **kwargs):
+        super().__init__(input_shape, decoder_channels=decoder_channels, norm=norm,
+                         head_channels=head_channels, **kwargs)
+        if self.use_depthwise_separable_conv:   # Detectron2 built one 5x5 separable conv instead
+            c = decoder_channels[0]
+            self.head = nn.Sequential(_conv(c, c, 3, norm), _conv(c, head_channels, 3, norm))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape):
+        ret = super().from_config(cfg, input_shape)
+        ret.update(loss_type="hard_pixel_mining", loss_top_k=cfg.MODEL.COPS.SEMANTIC_TOP_K)
+        return ret
 
 
 class COPSAffinityHead(DeepLabV3PlusHead):
@@ -98,17 +174,29 @@ class COPSAffinityHead(DeepLabV3PlusHead):
 
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, decoder_channels: List[int], norm: str,
-                 num_classes_semantic: int, head_channels: int, edge_distances: Sequence[int], **kwargs):
+                 num_classes_semantic: int, head_channels: int, edge_distances: Sequence[int],
+                 edge_alignment: str = "center", **kwargs):
         """
         Args:
             input_shape, decoder_channels, norm, kwargs: of ``DeepLabV3PlusHead`` (decoder-only).
             num_classes_semantic: K, channels of the semantic logits concatenated to the decoder output.
             head_channels: C, channels of the affinity features.
             edge_distances: the distances d (one predictor each).
+            edge_alignment: which two edges a predictor's last 1x1 conv sees at one slot: "center" (the
+                vertical and horizontal edge with the same centre, public code; even d > 1) or "anchor"
+                (the two edges starting at the same pixel).
         """
         super().__init__(input_shape, decoder_channels=decoder_channels, norm=norm, num_classes=None, **kwargs)
         assert self.decoder_only
         self.edge_distances = [int(d) for d in edge_distances]
+        if edge_alignment not in EDGE_ALIGNMENTS:
+            raise ValueError(f"MODEL.COPS.EDGE_ALIGNMENT={edge_alignment!r}: use one of {EDGE_ALIGNMENTS}")
+        odd = [d for d in self.edge_distances if d > 1 and d % 2]
+        if edge_alignment == "center" and odd:
+            raise ValueError(f"MODEL.COPS.EDGE_DISTANCES {self.edge_distances}: {odd} are odd, and an edge of "
+                             "odd length has no centre pixel; use even distances (besides 1) or "
+                             "MODEL.COPS.EDGE_ALIGNMENT anchor")
+        self.edge_alignment = edge_alignment
         cin = decoder_channels[0] + int(num_classes_semantic)
         self.head = nn.Sequential(_conv(cin, head_channels, 3, norm), _conv(head_channels, head_channels, 3, norm))
         self.predictors = nn.ModuleList(
@@ -134,6 +222,7 @@ class COPSAffinityHead(DeepLabV3PlusHead):
             num_classes_semantic=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             head_channels=cfg.MODEL.COPS.AFFINITY_HEAD_CHANNELS,
             edge_distances=cfg.MODEL.COPS.EDGE_DISTANCES,
+            edge_alignment=cfg.MODEL.COPS.EDGE_ALIGNMENT,
         )
 
     def affinity_features(self, features: Dict[str, torch.Tensor], sem_logits: torch.Tensor) -> torch.Tensor:
@@ -148,8 +237,14 @@ class COPSAffinityHead(DeepLabV3PlusHead):
         """Affinity ("cut") logits ``B x D x 2 x h x w`` at the stride of ``sem_logits``."""
         feat = self.affinity_features(features, sem_logits)
         h, w = feat.shape[-2:]
-        outs = [pred(feat if d == 1 else edge_features(feat, d))
-                for d, pred in zip(self.edge_distances, self.predictors)]
+        outs = []
+        for d, pred in zip(self.edge_distances, self.predictors):
+            if d == 1:
+                outs.append(pred(feat))
+            elif self.edge_alignment == "center":
+                outs.append(centered_to_anchor_slots(pred(centered_edge_features(feat, d)), d))
+            else:
+                outs.append(pred(edge_features(feat, d)))
         logits = torch.stack(outs, dim=1)
         return logits * edge_valid_mask(h, w, self.edge_distances, feat.device).to(logits.dtype)
 

@@ -78,7 +78,6 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.projects.panoptic_deeplab.panoptic_seg import PanopticDeepLabSemSegHead
 from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from torch import nn
@@ -87,7 +86,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ...solvers import edge_maps_to_flat, grid_edges, solve_amwc_batch
 from .amwc_layer import AMWCSettings, amwc_layer
-from .heads import COPSAffinityHead, COPSCosts
+from .heads import COPSAffinityHead, COPSCosts, COPSSemSegHead
 from .pq_surrogate import area_thresholds_from_isthing, pool_pq_sums, pq_sums_single_image, pq_surrogate_loss
 
 __all__ = ["COPS", "STAGES", "affinity_losses", "loss_slots", "panoptic_from_solution"]
@@ -296,9 +295,11 @@ class COPS(nn.Module):
         c = cfg.MODEL.COPS
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
-        sem_args = PanopticDeepLabSemSegHead.from_config(cfg, shapes)
-        sem_args.update(loss_type="hard_pixel_mining", loss_top_k=c.SEMANTIC_TOP_K)
-        sem_seg_head = PanopticDeepLabSemSegHead(**sem_args)
+        if cfg.MODEL.SEM_SEG_HEAD.NAME != "COPSSemSegHead":
+            raise ValueError(f"MODEL.SEM_SEG_HEAD.NAME={cfg.MODEL.SEM_SEG_HEAD.NAME!r}: COPS builds its "
+                             "semantic branch as 'COPSSemSegHead' (the public COPS head, with the loss of "
+                             "MODEL.COPS.SEMANTIC_TOP_K); set MODEL.SEM_SEG_HEAD.NAME COPSSemSegHead")
+        sem_seg_head = COPSSemSegHead(cfg, shapes)
         if sem_seg_head.common_stride != c.TARGET_STRIDE:
             raise ValueError("MODEL.SEM_SEG_HEAD.COMMON_STRIDE must equal MODEL.COPS.TARGET_STRIDE")
         meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])

@@ -1,4 +1,4 @@
-"""COPS meta-architecture on CPU: pretraining step, anchor-convention edge features, inference format,
+"""COPS meta-architecture on CPU: pretraining step, edge features and their alignment, inference format,
 COCOPanopticEvaluator, any input size, and exact reproduction of the GT with perfect logits."""
 import argparse
 import copy
@@ -85,15 +85,20 @@ def test_edge_features_follow_anchor_convention():
         assert np.array_equal(edge_valid_mask(6, 7, [d]).numpy(), grid_edge_valid_mask(6, 7, [d]))
 
 
-def test_affinity_head_uses_anchor_edge_features(model, batch):
+def _affinities(model, batch):
     model.eval()
     images = torch.stack([(x["image"].float() - model.pixel_mean) / model.pixel_std for x in batch])
     with torch.no_grad():
         features = model.backbone(images)
         sem = model.sem_seg_head.layers(features)
-        aff = model.affinity_head(features, sem)
-        feat = model.affinity_head.affinity_features(features, sem)
-    h, w = sem.shape[-2:]
+        return model.affinity_head(features, sem), model.affinity_head.affinity_features(features, sem)
+
+
+def test_anchor_alignment_predicts_from_the_edges_starting_at_each_slot(tiny_synthetic, batch):
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("MODEL.COPS.EDGE_ALIGNMENT", "anchor"))
+    aff, feat = _affinities(model, batch)
+    h, w = feat.shape[-2:]
     assert aff.shape == (2, len(DISTANCES), 2, h, w)
     mask = torch.from_numpy(grid_edge_valid_mask(h, w, DISTANCES))
     assert not aff[:, ~mask].any()
@@ -101,6 +106,46 @@ def test_affinity_head_uses_anchor_edge_features(model, batch):
         x = feat if d == 1 else edge_features(feat, d)
         ref = model.affinity_head.predictors[k](x) * mask[k]
         torch.testing.assert_close(aff[:, k], ref)
+
+
+def test_center_alignment_is_the_public_plus_moved_to_anchor_slots(model, batch):
+    """The public code builds ``ZeroPad2d``-padded centred differences, so its slot (r, c) holds the
+    vertical edge (r - d/2, c)-(r + d/2, c) and the horizontal edge (r, c - d/2)-(r, c + d/2), and the
+    predictor's last 1x1 conv mixes these two (a "+"). Our slot (r, c) holds the edges starting at
+    (r, c): the same vertical edge sits at public (r + d/2, c), the horizontal one at (r, c + d/2)."""
+    assert model.affinity_head.edge_alignment == "center"
+    aff, feat = _affinities(model, batch)
+    h, w = feat.shape[-2:]
+    for k, d in enumerate(DISTANCES):
+        predictor = model.affinity_head.predictors[k]
+        with torch.no_grad():
+            if d == 1:
+                public = predictor(feat)
+            else:
+                e = d // 2
+                rows = torch.nn.ZeroPad2d((0, 0, e, e))(feat[:, :, d:] - feat[:, :, :-d])
+                cols = torch.nn.ZeroPad2d((e, e, 0, 0))(feat[:, :, :, d:] - feat[:, :, :, :-d])
+                public = predictor(torch.cat([rows, cols], 1))
+        e = d // 2 if d > 1 else 0
+        for r in range(h):
+            for c in range(w):
+                vertical = public[:, 0, r + e, c] if r + d < h else torch.zeros(2)
+                horizontal = public[:, 1, r, c + e] if c + d < w else torch.zeros(2)
+                torch.testing.assert_close(aff[:, k, 0, r, c], vertical)
+                torch.testing.assert_close(aff[:, k, 1, r, c], horizontal)
+    # the "+" and the "L" give different logits for d > 1 with the same weights
+    with torch.no_grad():
+        anchor = model.affinity_head.predictors[1](edge_features(feat, 2))
+    mask = torch.from_numpy(grid_edge_valid_mask(h, w, [2]))[0]
+    assert (anchor * mask - aff[:, 1]).abs().max() > 1e-3
+
+
+def test_center_alignment_needs_even_distances(tiny_synthetic):
+    with pytest.raises(ValueError, match=r"EDGE_DISTANCES .*\[3\] are odd.*EDGE_ALIGNMENT anchor"):
+        build_model(tiny_cfg("MODEL.COPS.EDGE_DISTANCES", "[1, 2, 3]"))
+    build_model(tiny_cfg("MODEL.COPS.EDGE_DISTANCES", "[1, 2, 3]", "MODEL.COPS.EDGE_ALIGNMENT", "anchor"))
+    with pytest.raises(ValueError, match=r"EDGE_ALIGNMENT='middle'"):
+        build_model(tiny_cfg("MODEL.COPS.EDGE_ALIGNMENT", "middle"))
 
 
 def test_panoptic_from_solution_rules():

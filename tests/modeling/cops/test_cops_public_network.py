@@ -1,0 +1,65 @@
+"""COPS is the public COPS network (github:aabbas90/COPS, its Cityscapes and COCO configs): the count of
+every part equals the public model's, built from the public code with this project's Detectron2 and
+counted layer by layer (34,004,668 parameters on Cityscapes, 33,964,444 on COCO; they differ from ours
+only by the cost scalars: 2 + 2 D + K there, of which K are never read, 4 here)."""
+import argparse
+import os
+
+import pytest
+import torch
+from detectron2.layers import Conv2d, DepthwiseSeparableConv2d
+
+from cmt_cops_d2.engine import setup_cfg
+from cmt_cops_d2.modeling.cops.meta_arch import COPS
+
+from ...conftest import CONFIG_DIR
+
+PUBLIC_DISTANCES = {"cityscapes": "[1, 4, 16, 32, 64]", "coco": "[1, 4, 16, 32]"}
+
+
+def meta_model(dataset, *opts):
+    cfg = setup_cfg(argparse.Namespace(config_file=os.path.join(CONFIG_DIR, dataset, "cops_r50_full.yaml"),
+                                       opts=["MODEL.DEVICE", "cpu", *opts]))
+    with torch.device("meta"):
+        return COPS(cfg)
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("dataset,classes,head_in,total", [
+    ("cityscapes", 19, 634_112, 34_004_641), ("coco", 133, 896_768, 33_964_305)])
+def test_every_part_has_the_public_count(dataset, classes, head_in, total):
+    model = meta_model(dataset, "MODEL.COPS.EDGE_DISTANCES", PUBLIC_DISTANCES[dataset])
+    assert count(model.backbone) == 23_631_808
+    sem, aff = model.sem_seg_head, model.affinity_head
+    for decoder in (sem.decoder, aff.decoder):
+        assert count(decoder["res5"]) == 3_019_520                # ASPP with separable 3x3 branches
+        assert count(decoder["res3"]) == 123_968 and count(decoder["res2"]) == 90_272
+    assert count(sem.head) == 1_180_672                           # two dense 3x3 convs
+    assert count(sem.predictor) == 256 * classes + classes
+    assert [count(m) for m in aff.head] == [head_in, 590_336]
+    distances = len(PUBLIC_DISTANCES[dataset].split(","))
+    assert [count(p) for p in aff.predictors] == [166_146] + [332_290] * (distances - 1)
+    assert count(model.costs) == 4
+    assert count(model) == total
+    print(f"{dataset}: {total / 1e6:.2f}M (public 34.00M / 33.96M with 2 + 2D + K cost scalars)")
+
+
+def test_separable_decoders_and_a_dense_semantic_head():
+    model = meta_model("cityscapes")
+    sem = model.sem_seg_head
+    aspp = sem.decoder["res5"]["project_conv"]
+    assert sum(isinstance(m, DepthwiseSeparableConv2d) for m in aspp.modules()) == 3
+    assert isinstance(sem.decoder["res3"]["fuse_conv"], DepthwiseSeparableConv2d)
+    assert isinstance(model.affinity_head.decoder["res2"]["fuse_conv"], DepthwiseSeparableConv2d)
+    assert [type(m) for m in sem.head] == [Conv2d, Conv2d]
+    assert [m.kernel_size for m in sem.head] == [(3, 3), (3, 3)] and [m.groups for m in sem.head] == [1, 1]
+    # the paper's six Cityscapes distances (this config's): one more d > 1 predictor
+    assert count(model) == 34_004_641 + 332_290
+
+
+def test_the_semantic_head_must_be_the_cops_head():
+    with pytest.raises(ValueError, match=r"MODEL.SEM_SEG_HEAD.NAME='PanopticDeepLabSemSegHead'.*COPSSemSegHead"):
+        meta_model("coco", "MODEL.SEM_SEG_HEAD.NAME", "PanopticDeepLabSemSegHead")
