@@ -80,6 +80,10 @@ def add_cops_config(cfg: CN) -> CN:
     # stride-TARGET_STRIDE grid and divides them by TARGET_STRIDE**2 (12.5 / 256 / 128 grid pixels).
     c.THING_AREA = 200.0
     c.STUFF_AREA = 4096.0
+    # At inference, segments smaller than THING_AREA / STUFF_AREA pixels (at the network's input
+    # resolution) become void: the paper uses the thresholds "during both training and inference", as
+    # the public code does. False keeps every segment (only MIN_THING_CLUSTER_SIZE applies).
+    c.INFERENCE_AREA_GATE = True
     # Dropout of the AMWC costs in full-stage training (public code DROPOUT 0.1; paper silent): every
     # pixel's node costs (all classes) and every edge cost are zeroed with this probability, without
     # rescaling. 0 disables it. Never applied at inference.

@@ -60,7 +60,10 @@ attractive) on the stride-4 grid of each image (``ceil(H / 4) x ceil(W / 4)`` ce
 ``solve_amwc_batch`` with ``partitionable`` = thing classes of the metadata, then (notes Sec. 1a): every
 stuff class present gives one segment; every AMWC cluster of a thing class gives one segment, clusters
 with fewer than ``MODEL.COPS.MIN_THING_CLUSTER_SIZE`` grid pixels become void. The grid map is upsampled
-(nearest, x4), cropped to the input size and resized (nearest) to the requested ``height x width``.
+(nearest, x4) and cropped to the input size; with ``MODEL.COPS.INFERENCE_AREA_GATE`` (default) thing
+segments under ``THING_AREA`` and stuff segments under ``STUFF_AREA`` pixels (the surrogate's size gates,
+here at the input resolution) become void (:func:`void_small_segments`); then the map is resized
+(nearest) to the requested ``height x width``.
 
 Output per image (Detectron2 format): ``panoptic_seg = (ids int32 H x W, 0 = void, segments_info)``
 with ``segments_info`` = ``[{"id", "category_id" (contiguous), "isthing"}]``, and ``sem_seg`` (K x H x W
@@ -89,7 +92,7 @@ from .amwc_layer import AMWCSettings, amwc_layer
 from .heads import COPSAffinityHead, COPSCosts, COPSSemSegHead
 from .pq_surrogate import area_thresholds_from_isthing, pool_pq_sums, pq_sums_single_image, pq_surrogate_loss
 
-__all__ = ["COPS", "STAGES", "affinity_losses", "loss_slots", "panoptic_from_solution"]
+__all__ = ["COPS", "STAGES", "affinity_losses", "loss_slots", "panoptic_from_solution", "void_small_segments"]
 
 STAGES = ("pretrain", "full")
 
@@ -137,6 +140,29 @@ def panoptic_from_solution(labels: np.ndarray, clusters: np.ndarray, is_thing: n
             infos.append({"id": len(infos) + 1, "category_id": int(cls), "isthing": True})
             pan.reshape(-1)[in_cls & (flat_c == cid)] = len(infos)
     return pan, infos
+
+
+def void_small_segments(pan: torch.Tensor, infos: List[dict], thing_area: float,
+                        stuff_area: float) -> Tuple[torch.Tensor, List[dict]]:
+    """The size gate at inference (paper Sec. 4.1, public code): a thing segment with fewer than
+    ``thing_area`` pixels, a stuff segment with fewer than ``stuff_area``, becomes void (id 0).
+
+    Args:
+        pan: ``H x W`` segment ids at the network's input resolution; infos: its ``segments_info``.
+    Returns:
+        the map with the rejected segments set to 0 and the ``segments_info`` of the kept ones (ids
+        unchanged).
+    """
+    if not infos:
+        return pan, infos
+    areas = torch.bincount(pan.reshape(-1).long(), minlength=max(s["id"] for s in infos) + 1).tolist()
+    kept, dropped = [], []
+    for s in infos:
+        (kept if areas[s["id"]] >= (thing_area if s["isthing"] else stuff_area) else dropped).append(s)
+    if dropped:
+        pan = pan.clone()
+        pan[torch.isin(pan, torch.tensor([s["id"] for s in dropped], device=pan.device))] = 0
+    return pan, kept
 
 
 def loss_slots(segment_classes: np.ndarray, segment_is_pred: np.ndarray, gt_classes: np.ndarray) -> np.ndarray:
@@ -189,14 +215,15 @@ class COPS(nn.Module):
                  affinity_loss_weight: float, affinity_top_k: float, min_thing_cluster_size: int,
                  solver_threads: int, stage: str = "pretrain", amwc_settings: Optional[AMWCSettings] = None,
                  pq_loss_weight: float = 10.0, thing_area: float = 200.0, stuff_area: float = 4096.0,
-                 cost_dropout: float = 0.1, full_trainable: Sequence[str] = (),
-                 full_lr_multipliers: Sequence[float] = ()):
+                 inference_area_gate: bool = True, cost_dropout: float = 0.1,
+                 full_trainable: Sequence[str] = (), full_lr_multipliers: Sequence[float] = ()):
         """
         Args (besides the modules and the pretraining / inference settings):
             stage: ``MODEL.COPS.STAGE``, "pretrain" or "full" (module doc).
             amwc_settings: the AMWC layer's backward settings (lambda interval, N, threads).
             pq_loss_weight: factor of the PQ surrogate loss.
             thing_area, stuff_area: size-gate thresholds at full resolution (divided by stride**2).
+            inference_area_gate: void smaller segments at inference too (:func:`void_small_segments`).
             cost_dropout: probability of zeroing a pixel's node costs / an edge cost (full stage).
             full_trainable: parameter-name patterns trained in the full stage.
             full_lr_multipliers: learning-rate factor of each pattern (same length).
@@ -234,6 +261,8 @@ class COPS(nn.Module):
         if not (thing_area >= 0 and stuff_area >= 0):
             raise ValueError(f"MODEL.COPS.THING_AREA / STUFF_AREA must be >= 0, got {thing_area}, {stuff_area}")
         self.pq_loss_weight = float(pq_loss_weight)
+        self.thing_area, self.stuff_area = float(thing_area), float(stuff_area)
+        self.inference_area_gate = bool(inference_area_gate)
         self.cost_dropout = float(cost_dropout)
         self.register_buffer("area_thresholds", area_thresholds_from_isthing(
             self.is_thing, thing_area, stuff_area, self.target_stride, dtype=torch.float32), False)
@@ -323,6 +352,7 @@ class COPS(nn.Module):
             "pq_loss_weight": c.PQ_LOSS_WEIGHT,
             "thing_area": c.THING_AREA,
             "stuff_area": c.STUFF_AREA,
+            "inference_area_gate": c.INFERENCE_AREA_GATE,
             "cost_dropout": c.COST_DROPOUT,
             "full_trainable": list(c.FULL_TRAINABLE),
             "full_lr_multipliers": list(c.FULL_LR_MULTIPLIERS),
@@ -468,6 +498,8 @@ class COPS(nn.Module):
             pan, infos = panoptic_from_solution(labels, clusters, self.is_thing, self.min_thing_cluster_size)
             pan = torch.from_numpy(pan).to(self.device)
             pan = pan.repeat_interleave(s, 0).repeat_interleave(s, 1)[:H, :W]
+            if self.inference_area_gate:
+                pan, infos = void_small_segments(pan, infos, self.thing_area, self.stuff_area)
             if (out_h, out_w) != (H, W):
                 pan = F.interpolate(pan[None, None].float(), size=(out_h, out_w), mode="nearest")[0, 0]
             results.append({"panoptic_seg": (pan.to(torch.int32), infos),

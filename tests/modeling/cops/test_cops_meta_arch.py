@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 from cmt_cops_d2.data.mappers import build_train_mapper
 from cmt_cops_d2.engine import Trainer, setup_cfg
 from cmt_cops_d2.modeling.cops.heads import edge_features, edge_valid_mask
-from cmt_cops_d2.modeling.cops.meta_arch import panoptic_from_solution
+from cmt_cops_d2.modeling.cops.meta_arch import panoptic_from_solution, void_small_segments
 from cmt_cops_d2.solvers import edge_maps_to_flat, grid_edge_valid_mask
 from cmt_cops_d2.solvers.checks import check_amwc_solution
 
@@ -157,6 +157,47 @@ def test_panoptic_from_solution_rules():
     # thing 2: cluster 2 (1 px) dropped, cluster 4 (3 px) kept.
     assert infos == [{"id": 1, "category_id": 0, "isthing": False}, {"id": 2, "category_id": 2, "isthing": True}]
     assert np.array_equal(pan, [[1, 1, 0, 0], [1, 0, 0, 0], [2, 2, 2, 1]])
+
+
+def test_small_segments_become_void():
+    pan = torch.tensor([[1, 1, 1, 2], [1, 1, 3, 2], [4, 4, 4, 4]], dtype=torch.int32)
+    infos = [{"id": 1, "category_id": 0, "isthing": False}, {"id": 2, "category_id": 1, "isthing": True},
+             {"id": 3, "category_id": 1, "isthing": True}, {"id": 4, "category_id": 2, "isthing": False}]
+    # things need 2 px (id 2: 2 kept, id 3: 1 dropped), stuff 5 (id 1: 5 kept, id 4: 4 dropped)
+    out, kept = void_small_segments(pan, infos, thing_area=2, stuff_area=5)
+    assert [s["id"] for s in kept] == [1, 2]
+    assert out.tolist() == [[1, 1, 1, 2], [1, 1, 0, 2], [0, 0, 0, 0]]
+    assert pan[2, 0] == 4                                       # the input is not changed
+    out, kept = void_small_segments(pan, infos, thing_area=0, stuff_area=0)
+    assert kept == infos and torch.equal(out, pan)
+
+
+def test_inference_applies_the_size_gate_at_the_input_resolution(tiny_synthetic, batch):
+    """Gate on: exactly the gate-off segments with at least THING_AREA / STUFF_AREA pixels remain."""
+    torch.manual_seed(0)
+    ungated = build_model(tiny_cfg("MODEL.COPS.INFERENCE_AREA_GATE", "False")).eval()
+    inputs = [{"image": x["image"]} for x in batch]
+    with torch.no_grad():
+        off = ungated(inputs)
+    areas = {True: [], False: []}
+    for b in off:
+        pan, infos = b["panoptic_seg"]
+        for s in infos:
+            areas[s["isthing"]].append(int((pan == s["id"]).sum()))
+    # thresholds between the smallest and the largest segment of each kind: some go, some stay
+    limits = {k: (min(v) + max(v)) / 2 if v else 0.0 for k, v in areas.items()}
+    assert len(areas[False]) > 1 and min(areas[False]) < limits[False]
+    gated = build_model(tiny_cfg("MODEL.COPS.THING_AREA", str(limits[True]), "MODEL.COPS.STUFF_AREA",
+                                 str(limits[False]))).eval()
+    gated.load_state_dict(ungated.state_dict())
+    with torch.no_grad():
+        on = gated(inputs)
+    for a, b in zip(on, off):
+        (pan_on, infos_on), (pan_off, infos_off) = a["panoptic_seg"], b["panoptic_seg"]
+        big = [s for s in infos_off if int((pan_off == s["id"]).sum()) >= limits[s["isthing"]]]
+        assert infos_on == big
+        keep = torch.isin(pan_off, torch.tensor([s["id"] for s in big] or [-1], dtype=pan_off.dtype))
+        assert torch.equal(pan_on, torch.where(keep, pan_off, torch.zeros_like(pan_off)))
 
 
 def test_inference_is_feasible_and_accepted_by_evaluator(cfg, model, tmp_path):
