@@ -28,9 +28,9 @@ robust average of eq. (4):
    slot per GT segment (``panoptic_classes``); images of equal grid size are solved in one call
    (one thread per image forward, ``B * N`` MWC problems backward);
 3. :func:`loss_slots`: the loss sees the predicted segments and, per class, only as many extra slots
-   as the class has GT segments without a prediction (``max(0, G_c - P_c)``). An empty slot is a false
-   positive of weight ``sigma_l(0)`` in eq. 6, so unneeded extra slots would only bias the loss; the
-   dropped ones get no gradient and do not enter the lifted MWC label space;
+   as the class has GT segments without a prediction (``max(0, G_c - P_c)``); an empty slot is no false
+   positive (:mod:`.pq_surrogate`, choice 8); the dropped ones get no gradient and do not enter the
+   lifted MWC label space;
 4. :func:`~.pq_surrogate.pq_sums_single_image` against the GT segments (one mask per ``panoptic``
    index, weights ``panoptic_weights``, thresholds ``MODEL.COPS.{THING,STUFF}_AREA / stride**2``),
    pooled over the batch, ``loss_pq = PQ_LOSS_WEIGHT * (1 - mean_l PQ_l)``.

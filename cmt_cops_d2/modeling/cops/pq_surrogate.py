@@ -25,6 +25,7 @@ Counts used here, per matched pair ``k = (p, g)`` with ``h_k = h(IoU_k)``, ``sig
     FP_k = sigma_k (1 - h_k)(1 - iota_p)
     unmatched prediction p:   FP_p = sigma_p (1 - iota_p)
     unmatched ground truth g: FN_g = 1
+    prediction without pixels: FP_p = 0
 
 **Choices where the paper is silent or where it is not followed literally:**
 
@@ -59,6 +60,11 @@ Counts used here, per matched pair ``k = (p, g)`` with ``h_k = h(IoU_k)``, ``sig
    segment, or a prediction that survives the hard gate (``area >= t_l`` and ``area > 0``) and is not
    ignored (``nu_p <= 1/2``). This is a ``no_grad`` decision; in the hard limit it is panopticapi's rule
    (classes with ``TP + FP + FN = 0`` are skipped).
+
+8. *Empty predictions* (``1^T p = 0``; the AMWC layer's extra slots for classes with missed ground
+   truth) are no false positives. Eq. 6 counts predicted segments and PQ has no empty ones, but
+   ``sigma_l(0) = sigmoid(-0.1 t_l)`` is not 0 (0.22 at ``t_l = 12.5``), so each empty slot would count as
+   a fraction of a FP, and its gradient would push the slot to stay empty.
 
 **Hard limit** (``hard=True``): ``h(u) -> [u > 1/2]``, ``sigma_l(p) -> [1^T p >= t_l and 1^T p > 0]``,
 ``iota_p -> [nu_p > 1/2]``, ``iou_eps -> 0``. On binary masks the pooled PQ then equals panopticapi's PQ of
@@ -360,7 +366,8 @@ def pq_sums_single_image(
     h_k = (iou_k > 0.5).to(dtype) if hard else smooth_threshold(iou_k)
     tp_k = h_k * sigma[rows_t]
     h_pred = torch.zeros(P.shape[0], dtype=dtype, device=device).index_put((rows_t,), h_k)
-    fp_p = sigma * (1 - iota) * (1 - h_pred)
+    # A prediction without pixels (an extra slot of the AMWC layer) is no segment: not a FP (choice 8).
+    fp_p = sigma * (1 - iota) * (1 - h_pred) * (area > 0).to(dtype)
     fn_g = torch.ones(Gm.shape[0], dtype=dtype, device=device).index_put((cols_t,), 1 - tp_k)
 
     g_cls_t = torch.as_tensor(g_cls, dtype=torch.long, device=device)

@@ -315,6 +315,22 @@ def test_empty_prediction_channel_is_not_a_segment():
     assert s.fp.sum().item() == 0 and not s.present[1] and pq_surrogate_loss(s).item() == 0
 
 
+def test_an_empty_slot_adds_neither_a_false_positive_nor_a_gradient():
+    """With the size gate on, sigma(0) = sigmoid(-0.1 t) > 0; an empty slot must still count nothing."""
+    gt, segs = _hand_case()
+    x = _tensors(gt, segs, gt, {i: c for i, (c, _) in segs.items()})
+    t = torch.full((K,), 3.0)
+    base = pq_sums_single_image(**x, is_thing=IS_THING, area_thresholds=t)
+    Z = torch.cat([x["Z"], torch.zeros(1, 8, 8, dtype=torch.float64)]).requires_grad_(True)
+    with_slot = pq_sums_single_image(**{**x, "Z": Z, "pred_classes": torch.cat([x["pred_classes"],
+                                                                                   torch.tensor([1])])},
+                                     is_thing=IS_THING, area_thresholds=t)
+    for name in ("iou_sum", "tp", "fp", "fn"):
+        torch.testing.assert_close(getattr(with_slot, name), getattr(base, name))
+    pq_surrogate_loss(with_slot).backward()
+    assert not Z.grad[-1].any()
+
+
 def _brute_force(iou, key):
     S, G = iou.shape
     best = None
