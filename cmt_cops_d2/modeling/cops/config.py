@@ -84,6 +84,9 @@ def add_cops_config(cfg: CN) -> CN:
     # resolution) become void: the paper uses the thresholds "during both training and inference", as
     # the public code does. False keeps every segment (only MIN_THING_CLUSTER_SIZE applies).
     c.INFERENCE_AREA_GATE = True
+    # Add the "instances" output at inference: every thing segment with the public code's score (mean
+    # semantic logit of its class over the mask + boundary-minus-interior affinity logits), for AP.
+    c.PREDICT_INSTANCES = True
     # Dropout of the AMWC costs in full-stage training (public code DROPOUT 0.1; paper silent): every
     # pixel's node costs (all classes) and every edge cost are zeroed with this probability, without
     # rescaling. 0 disables it. Never applied at inference.

@@ -65,9 +65,15 @@ segments under ``THING_AREA`` and stuff segments under ``STUFF_AREA`` pixels (th
 here at the input resolution) become void (:func:`void_small_segments`); then the map is resized
 (nearest) to the requested ``height x width``.
 
-Output per image (Detectron2 format): ``panoptic_seg = (ids int32 H x W, 0 = void, segments_info)``
-with ``segments_info`` = ``[{"id", "category_id" (contiguous), "isthing"}]``, and ``sem_seg`` (K x H x W
-semantic logits, bilinear).
+Output per image (Detectron2 format), as the public code reports it:
+
+* ``panoptic_seg = (ids int32 H x W, 0 = void, segments_info)`` with ``segments_info`` =
+  ``[{"id", "category_id" (contiguous), "isthing"}]``;
+* ``sem_seg``: K x H x W one-hot of the AMWC node labels (the solver's semantic labelling, so mIoU scores
+  the same labelling as PQ; segments voided by the size gate keep their label here);
+* ``instances`` (``MODEL.COPS.PREDICT_INSTANCES``): one per thing segment, ``pred_masks``,
+  ``pred_boxes``, ``pred_classes`` and ``scores`` = the mean semantic logit of its class over the mask
+  plus :func:`affinity_mask_score` (boundary-minus-interior "cut" logits), for instance AP.
 """
 import fnmatch
 import logging
@@ -81,7 +87,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
-from detectron2.structures import ImageList
+from detectron2.structures import BitMasks, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 from torch import nn
 from torch.nn import functional as F
@@ -92,7 +98,8 @@ from .amwc_layer import AMWCSettings, amwc_layer
 from .heads import COPSAffinityHead, COPSCosts, COPSSemSegHead
 from .pq_surrogate import area_thresholds_from_isthing, pool_pq_sums, pq_sums_single_image, pq_surrogate_loss
 
-__all__ = ["COPS", "STAGES", "affinity_losses", "loss_slots", "panoptic_from_solution", "void_small_segments"]
+__all__ = ["COPS", "STAGES", "affinity_losses", "loss_slots", "panoptic_from_solution", "void_small_segments",
+           "affinity_mask_score"]
 
 STAGES = ("pretrain", "full")
 
@@ -165,6 +172,31 @@ def void_small_segments(pan: torch.Tensor, infos: List[dict], thing_area: float,
     return pan, kept
 
 
+def affinity_mask_score(mask: torch.Tensor, aff_logits: torch.Tensor, distances: Sequence[int]) -> torch.Tensor:
+    """The affinity part of the public COPS mask score: per distance, the mean over all ``2 h w`` slots of
+    the "cut" logits on the mask's boundary edges (one endpoint inside) minus the mean on its inner
+    edges (both inside), summed over the distances. Higher = a more confident segment.
+
+    Args:
+        mask: ``h x w`` bool, the segment on the grid of ``aff_logits``.
+        aff_logits: ``D x 2 x h x w`` (anchor convention: slot (r, c) holds the edges starting there).
+    """
+    m = mask.to(aff_logits.dtype)
+    h, w = m.shape
+    score = aff_logits.new_zeros(())
+    for k, d in enumerate(distances):
+        cut = torch.zeros_like(aff_logits[k])
+        inner = torch.zeros_like(aff_logits[k])
+        if d < h:
+            cut[0, : h - d] = (m[d:] - m[: h - d]).abs()
+            inner[0, : h - d] = m[d:] * m[: h - d]
+        if d < w:
+            cut[1, :, : w - d] = (m[:, d:] - m[:, : w - d]).abs()
+            inner[1, :, : w - d] = m[:, d:] * m[:, : w - d]
+        score = score + (aff_logits[k] * cut).mean() - (aff_logits[k] * inner).mean()
+    return score
+
+
 def loss_slots(segment_classes: np.ndarray, segment_is_pred: np.ndarray, gt_classes: np.ndarray) -> np.ndarray:
     """Slots of one image that enter the PQ surrogate: every predicted slot, and per class ``c`` the
     first ``max(0, G_c - P_c)`` extra (empty) slots of class ``c`` (``G_c`` GT segments, ``P_c``
@@ -215,7 +247,7 @@ class COPS(nn.Module):
                  affinity_loss_weight: float, affinity_top_k: float, min_thing_cluster_size: int,
                  solver_threads: int, stage: str = "pretrain", amwc_settings: Optional[AMWCSettings] = None,
                  pq_loss_weight: float = 10.0, thing_area: float = 200.0, stuff_area: float = 4096.0,
-                 inference_area_gate: bool = True, cost_dropout: float = 0.1,
+                 inference_area_gate: bool = True, predict_instances: bool = True, cost_dropout: float = 0.1,
                  full_trainable: Sequence[str] = (), full_lr_multipliers: Sequence[float] = ()):
         """
         Args (besides the modules and the pretraining / inference settings):
@@ -224,6 +256,7 @@ class COPS(nn.Module):
             pq_loss_weight: factor of the PQ surrogate loss.
             thing_area, stuff_area: size-gate thresholds at full resolution (divided by stride**2).
             inference_area_gate: void smaller segments at inference too (:func:`void_small_segments`).
+            predict_instances: add the ``instances`` output (thing segments with the public mask score).
             cost_dropout: probability of zeroing a pixel's node costs / an edge cost (full stage).
             full_trainable: parameter-name patterns trained in the full stage.
             full_lr_multipliers: learning-rate factor of each pattern (same length).
@@ -263,6 +296,7 @@ class COPS(nn.Module):
         self.pq_loss_weight = float(pq_loss_weight)
         self.thing_area, self.stuff_area = float(thing_area), float(stuff_area)
         self.inference_area_gate = bool(inference_area_gate)
+        self.predict_instances = bool(predict_instances)
         self.cost_dropout = float(cost_dropout)
         self.register_buffer("area_thresholds", area_thresholds_from_isthing(
             self.is_thing, thing_area, stuff_area, self.target_stride, dtype=torch.float32), False)
@@ -353,6 +387,7 @@ class COPS(nn.Module):
             "thing_area": c.THING_AREA,
             "stuff_area": c.STUFF_AREA,
             "inference_area_gate": c.INFERENCE_AREA_GATE,
+            "predict_instances": c.PREDICT_INSTANCES,
             "cost_dropout": c.COST_DROPOUT,
             "full_trainable": list(c.FULL_TRAINABLE),
             "full_lr_multipliers": list(c.FULL_LR_MULTIPLIERS),
@@ -495,13 +530,47 @@ class COPS(nn.Module):
         results = []
         for b, (x, (H, W), (labels, clusters)) in enumerate(zip(batched_inputs, images.image_sizes, solutions)):
             out_h, out_w = x.get("height", H), x.get("width", W)
+
+            def to_output(grid: torch.Tensor) -> torch.Tensor:
+                """Grid map -> input resolution (nearest, x stride, cropped) -> requested size (nearest)."""
+                full = grid.repeat_interleave(s, 0).repeat_interleave(s, 1)[:H, :W]
+                if (out_h, out_w) != (H, W):
+                    full = F.interpolate(full[None, None].float(), size=(out_h, out_w), mode="nearest")[0, 0]
+                return full
+
             pan, infos = panoptic_from_solution(labels, clusters, self.is_thing, self.min_thing_cluster_size)
-            pan = torch.from_numpy(pan).to(self.device)
-            pan = pan.repeat_interleave(s, 0).repeat_interleave(s, 1)[:H, :W]
+            grid_pan = torch.from_numpy(pan).to(self.device)
+            pan = grid_pan.repeat_interleave(s, 0).repeat_interleave(s, 1)[:H, :W]
             if self.inference_area_gate:
                 pan, infos = void_small_segments(pan, infos, self.thing_area, self.stuff_area)
             if (out_h, out_w) != (H, W):
                 pan = F.interpolate(pan[None, None].float(), size=(out_h, out_w), mode="nearest")[0, 0]
-            results.append({"panoptic_seg": (pan.to(torch.int32), infos),
-                            "sem_seg": sem_seg_postprocess(sem_up[b], (H, W), out_h, out_w)})
+            node_labels = to_output(torch.from_numpy(labels).to(self.device)).long()
+            result = {"panoptic_seg": (pan.to(torch.int32), infos),
+                      "sem_seg": F.one_hot(node_labels, len(self.is_thing)).permute(2, 0, 1).float()}
+            if self.predict_instances:
+                logits = sem_seg_postprocess(sem_up[b], (H, W), out_h, out_w)
+                result["instances"] = self._instances(pan, infos, grid_pan, logits, aff_logits[b])
+            results.append(result)
         return results
+
+    def _instances(self, pan: torch.Tensor, infos: List[dict], grid_pan: torch.Tensor,
+                   sem_logits: torch.Tensor, aff_logits: torch.Tensor) -> Instances:
+        """Thing segments as ``Instances`` (instance AP), scored as the public code: the mean semantic
+        logit of the segment's class over its pixels plus :func:`affinity_mask_score` on the grid."""
+        things = [seg for seg in infos if seg["isthing"]]
+        out = Instances(tuple(pan.shape))
+        masks = torch.stack([pan == seg["id"] for seg in things]) if things else \
+            torch.zeros((0, *pan.shape), dtype=torch.bool, device=pan.device)
+        h, w = aff_logits.shape[-2:]
+        scores = []
+        for seg, mask in zip(things, masks):
+            grid_mask = F.pad(grid_pan == seg["id"], (0, w - grid_pan.shape[1], 0, h - grid_pan.shape[0]))
+            scores.append(sem_logits[seg["category_id"]][mask].mean()
+                          + affinity_mask_score(grid_mask, aff_logits, self.edge_distances))
+        out.pred_masks = masks
+        out.pred_boxes = BitMasks(masks).get_bounding_boxes()
+        out.pred_classes = torch.tensor([seg["category_id"] for seg in things], dtype=torch.int64,
+                                        device=pan.device)
+        out.scores = torch.stack(scores) if scores else torch.zeros(0, device=pan.device)
+        return out

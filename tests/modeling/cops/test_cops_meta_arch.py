@@ -7,14 +7,16 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOPanopticEvaluator, inference_on_dataset
 from detectron2.modeling import build_model
+from detectron2.structures import ImageList
 
 from cmt_cops_d2.data.mappers import build_train_mapper
 from cmt_cops_d2.engine import Trainer, setup_cfg
 from cmt_cops_d2.modeling.cops.heads import edge_features, edge_valid_mask
-from cmt_cops_d2.modeling.cops.meta_arch import panoptic_from_solution, void_small_segments
+from cmt_cops_d2.modeling.cops.meta_arch import affinity_mask_score, panoptic_from_solution, void_small_segments
 from cmt_cops_d2.solvers import edge_maps_to_flat, grid_edge_valid_mask
 from cmt_cops_d2.solvers.checks import check_amwc_solution
 
@@ -198,6 +200,74 @@ def test_inference_applies_the_size_gate_at_the_input_resolution(tiny_synthetic,
         assert infos_on == big
         keep = torch.isin(pan_off, torch.tensor([s["id"] for s in big] or [-1], dtype=pan_off.dtype))
         assert torch.equal(pan_on, torch.where(keep, pan_off, torch.zeros_like(pan_off)))
+
+
+def _public_mask_score(mask, centred_logits, distances):
+    """The public code's MaskScore, written as it is there (centred ZeroPad2d layout)."""
+    m = mask.double()
+    cut_logits = join_logits = 0.0
+    for i, d in enumerate(distances):
+        rows = (0, 0, 0, 1) if d == 1 else (0, 0, d // 2, d // 2)
+        cols = (0, 1, 0, 0) if d == 1 else (d // 2, d // 2, 0, 0)
+        cut = torch.stack([torch.nn.ZeroPad2d(rows)((m[d:] - m[:-d]).abs()),
+                           torch.nn.ZeroPad2d(cols)((m[:, d:] - m[:, :-d]).abs())])
+        joined = torch.stack([torch.nn.ZeroPad2d(rows)((m[d:] + m[:-d] == 2).double()),
+                              torch.nn.ZeroPad2d(cols)((m[:, d:] + m[:, :-d] == 2).double())])
+        cut_logits += (centred_logits[i] * cut).mean()
+        join_logits += (centred_logits[i] * joined).mean()
+    return -1.0 * (join_logits - cut_logits)
+
+
+def test_affinity_mask_score_is_the_public_mask_score():
+    from cmt_cops_d2.modeling.cops.heads import centered_to_anchor_slots
+
+    g = torch.Generator().manual_seed(0)
+    distances = [1, 2, 4, 6]
+    centred = torch.randn(len(distances), 2, 11, 13, generator=g, dtype=torch.float64)
+    anchor = torch.stack([centred[k] if d == 1 else centered_to_anchor_slots(centred[k][None], d)[0]
+                          for k, d in enumerate(distances)])
+    for _ in range(5):
+        mask = torch.rand(11, 13, generator=g) > 0.6
+        mask[3:8, 4:9] = True
+        torch.testing.assert_close(affinity_mask_score(mask, anchor, distances),
+                                   _public_mask_score(mask, centred, distances))
+
+
+def test_instances_and_sem_seg_outputs(model, batch):
+    model.eval()
+    with torch.no_grad():
+        outs = model([{"image": x["image"]} for x in batch])
+    found = 0
+    for out in outs:
+        pan, infos = out["panoptic_seg"]
+        labels = out["sem_seg"].argmax(0)
+        assert out["sem_seg"].sum(0).eq(1).all()                          # one-hot node labels
+        for seg in infos:                                                  # the labelling PQ scores
+            assert (labels[pan == seg["id"]] == seg["category_id"]).all()
+        inst = out["instances"]
+        things = [seg for seg in infos if seg["isthing"]]
+        assert len(inst) == len(things) and inst.image_size == tuple(pan.shape)
+        for k, seg in enumerate(things):
+            assert torch.equal(inst.pred_masks[k], pan == seg["id"])
+            assert inst.pred_classes[k] == seg["category_id"]
+        assert torch.isfinite(inst.scores).all()
+        found += len(inst)
+    assert found > 0
+    # the score of the first image's instances, recomputed from the logits
+    images = ImageList.from_tensors([(batch[0]["image"].float() - model.pixel_mean) / model.pixel_std],
+                                    model.size_divisibility)
+    with torch.no_grad():
+        sem, aff = model.predict_logits(images.tensor)
+    H, W = batch[0]["image"].shape[-2:]
+    logits = F.interpolate(sem, scale_factor=4, mode="bilinear", align_corners=False)[0, :, :H, :W]
+    pan, infos = outs[0]["panoptic_seg"]
+    assert len(outs[0]["instances"]) > 0
+    for k, seg in enumerate(s for s in infos if s["isthing"]):
+        grid = F.pad(pan[::4, ::4] == seg["id"], (0, aff.shape[-1] - pan[::4, ::4].shape[1],
+                                                  0, aff.shape[-2] - pan[::4, ::4].shape[0]))
+        expected = logits[seg["category_id"]][pan == seg["id"]].mean() + affinity_mask_score(
+            grid, aff[0], DISTANCES)
+        torch.testing.assert_close(outs[0]["instances"].scores[k], expected)
 
 
 def test_inference_is_feasible_and_accepted_by_evaluator(cfg, model, tmp_path):
