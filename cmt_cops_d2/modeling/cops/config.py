@@ -87,6 +87,9 @@ def add_cops_config(cfg: CN) -> CN:
     # Add the "instances" output at inference: every thing segment with the public code's score (mean
     # semantic logit of its class over the mask + boundary-minus-interior affinity logits), for AP.
     c.PREDICT_INSTANCES = True
+    # Edge costs |w_d| (-a) + b_d with one (w_d, b_d) per edge distance (public code), or one pair shared
+    # by all distances (False; the paper does not say).
+    c.PER_DISTANCE_EDGE_AFFINE = True
     # Dropout of the AMWC costs in full-stage training (public code DROPOUT 0.1; paper silent): every
     # pixel's node costs (all classes) and every edge cost are zeroed with this probability, without
     # rescaling. 0 disables it. Never applied at inference.

@@ -38,7 +38,7 @@ Costs (:class:`COPSCosts`)
 --------------------------
 ``node = |w_s| * (-semantic logit) + b_s`` (``B x K x h x w``, lower = preferred) and
 ``edge = |w_d| * (-affinity logit) + b_d`` (``B x D x 2 x h x w``, paid when the edge is cut, positive =
-attractive). ``w_s, w_d`` start at 1 and ``b_s, b_d`` at 0 (public code). They receive gradients only
+attractive), with one ``w_d, b_d`` per distance (``MODEL.COPS.PER_DISTANCE_EDGE_AFFINE``, public code). ``w_s, w_d`` start at 1 and ``b_s, b_d`` at 0 (public code). They receive gradients only
 through the AMWC layer (full training stage); in pretraining they are frozen by the meta-architecture.
 """
 from typing import Dict, List, Sequence
@@ -250,14 +250,17 @@ class COPSAffinityHead(DeepLabV3PlusHead):
 
 
 class COPSCosts(nn.Module):
-    """Learnable affine maps from logits to AMWC costs (one per branch, scalars)."""
+    """Learnable affine maps from logits to AMWC costs: one (scale, offset) pair for the node costs and,
+    for the edge costs, one pair per edge distance (``num_distances``, public code) or one shared
+    (``num_distances=0``)."""
 
-    def __init__(self):
+    def __init__(self, num_distances: int = 0):
         super().__init__()
+        shape = (int(num_distances),) if num_distances else ()
         self.w_s = nn.Parameter(torch.ones(()))
         self.b_s = nn.Parameter(torch.zeros(()))
-        self.w_d = nn.Parameter(torch.ones(()))
-        self.b_d = nn.Parameter(torch.zeros(()))
+        self.w_d = nn.Parameter(torch.ones(shape))
+        self.b_d = nn.Parameter(torch.zeros(shape))
 
     def node_costs(self, sem_logits: torch.Tensor) -> torch.Tensor:
         """``B x K x h x w`` class costs (lower = preferred)."""
@@ -265,6 +268,10 @@ class COPSCosts(nn.Module):
 
     def edge_costs(self, aff_logits: torch.Tensor) -> torch.Tensor:
         """``B x D x 2 x h x w`` edge costs (paid when cut; positive = attractive)."""
+        if self.w_d.dim():
+            if self.w_d.numel() != aff_logits.shape[1]:
+                raise ValueError(f"{self.w_d.numel()} edge-cost affines for {aff_logits.shape[1]} distances")
+            return self.w_d.abs().view(1, -1, 1, 1, 1) * (-aff_logits) + self.b_d.view(1, -1, 1, 1, 1)
         return self.w_d.abs() * (-aff_logits) + self.b_d
 
     def forward(self, sem_logits: torch.Tensor, aff_logits: torch.Tensor):

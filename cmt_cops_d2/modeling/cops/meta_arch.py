@@ -19,7 +19,7 @@ them, so they are frozen (``requires_grad=False``): every trainable parameter th
 ``loss_pq``, the PQ surrogate (eq. 6) of the AMWC solution, differentiated with Algorithm 1 and the
 robust average of eq. (4):
 
-1. node costs ``|w_s| * (-s) + b_s`` and edge costs ``|w_d| * (-a) + b_d`` (``self.costs``); during
+1. node costs ``|w_s| * (-s) + b_s`` and edge costs ``|w_d| * (-a) + b_d``, per distance (``self.costs``); during
    training each pixel's node costs (all classes) and each edge cost are zeroed with probability
    ``MODEL.COPS.COST_DROPOUT`` (no rescaling, as the public code);
 2. per image, on the mapper's stride-4 target grid (``panoptic``, the top-left cells of the padded
@@ -55,7 +55,7 @@ skipped: not solved, no contribution to the loss. If every image of the batch is
 ``0 * (sum of the costs)``: exactly zero, yet connected to every trainable parameter, so each gets a
 (zero) gradient and DistributedDataParallel does not wait for missing ones.
 
-**Inference.** Node costs ``|w_s| * (-s) + b_s`` and edge costs ``|w_d| * (-a) + b_d`` (positive =
+**Inference.** Node costs ``|w_s| * (-s) + b_s`` and edge costs ``|w_d| * (-a) + b_d`` per distance (positive =
 attractive) on the stride-4 grid of each image (``ceil(H / 4) x ceil(W / 4)`` cells of the padded grid),
 ``solve_amwc_batch`` with ``partitionable`` = thing classes of the metadata, then (notes Sec. 1a): every
 stuff class present gives one segment; every AMWC cluster of a thing class gives one segment, clusters
@@ -247,7 +247,8 @@ class COPS(nn.Module):
                  affinity_loss_weight: float, affinity_top_k: float, min_thing_cluster_size: int,
                  solver_threads: int, stage: str = "pretrain", amwc_settings: Optional[AMWCSettings] = None,
                  pq_loss_weight: float = 10.0, thing_area: float = 200.0, stuff_area: float = 4096.0,
-                 inference_area_gate: bool = True, predict_instances: bool = True, cost_dropout: float = 0.1,
+                 inference_area_gate: bool = True, predict_instances: bool = True,
+                 per_distance_edge_affine: bool = True, cost_dropout: float = 0.1,
                  full_trainable: Sequence[str] = (), full_lr_multipliers: Sequence[float] = ()):
         """
         Args (besides the modules and the pretraining / inference settings):
@@ -257,6 +258,7 @@ class COPS(nn.Module):
             thing_area, stuff_area: size-gate thresholds at full resolution (divided by stride**2).
             inference_area_gate: void smaller segments at inference too (:func:`void_small_segments`).
             predict_instances: add the ``instances`` output (thing segments with the public mask score).
+            per_distance_edge_affine: one edge-cost scale and offset per distance (else one shared).
             cost_dropout: probability of zeroing a pixel's node costs / an edge cost (full stage).
             full_trainable: parameter-name patterns trained in the full stage.
             full_lr_multipliers: learning-rate factor of each pattern (same length).
@@ -265,7 +267,7 @@ class COPS(nn.Module):
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.affinity_head = affinity_head
-        self.costs = COPSCosts()
+        self.costs = COPSCosts(len(edge_distances) if per_distance_edge_affine else 0)
         if stage not in STAGES:
             raise ValueError(f"MODEL.COPS.STAGE must be one of {STAGES}, got {stage!r}")
         self.stage = stage
@@ -388,6 +390,7 @@ class COPS(nn.Module):
             "stuff_area": c.STUFF_AREA,
             "inference_area_gate": c.INFERENCE_AREA_GATE,
             "predict_instances": c.PREDICT_INSTANCES,
+            "per_distance_edge_affine": c.PER_DISTANCE_EDGE_AFFINE,
             "cost_dropout": c.COST_DROPOUT,
             "full_trainable": list(c.FULL_TRAINABLE),
             "full_lr_multipliers": list(c.FULL_LR_MULTIPLIERS),
@@ -492,8 +495,13 @@ class COPS(nn.Module):
         else:
             loss = pq_surrogate_loss(pool_pq_sums(sums), weight=self.pq_loss_weight)
         w_s = self.costs.w_s.item()
-        _put_scalars(**{"cops/w_s": w_s, "cops/b_s": self.costs.b_s.item(),
-                        "cops/w_d": self.costs.w_d.item(), "cops/b_d": self.costs.b_d.item()})
+        scalars = {"cops/w_s": w_s, "cops/b_s": self.costs.b_s.item()}
+        if self.costs.w_d.dim():
+            for d, wd, bd in zip(self.edge_distances, self.costs.w_d.tolist(), self.costs.b_d.tolist()):
+                scalars.update({f"cops/w_d{d}": wd, f"cops/b_d{d}": bd})
+        else:
+            scalars.update({"cops/w_d": self.costs.w_d.item(), "cops/b_d": self.costs.b_d.item()})
+        _put_scalars(**scalars)
         if abs(w_s) < 0.01 and not self._warned_w_s:
             # Module doc, "Cost scale": eq. (3) pushes |w_s| down; too large a learning rate drives it to 0.
             logging.getLogger(__name__).warning(

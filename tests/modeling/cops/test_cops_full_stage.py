@@ -270,7 +270,7 @@ def test_node_cost_scale_enters_by_its_absolute_value():
     """A step of w_s through 0 must not turn the node costs around (most likely class = cheapest)."""
     from cmt_cops_d2.modeling.cops.heads import COPSCosts
 
-    costs = COPSCosts()
+    costs = COPSCosts(2)
     logits = torch.randn(1, 5, 3, 4)
     with torch.no_grad():
         costs.w_s.fill_(-0.5)
@@ -278,3 +278,21 @@ def test_node_cost_scale_enters_by_its_absolute_value():
     node, edge = costs(logits, torch.randn(1, 2, 2, 3, 4))
     assert torch.equal(node.argmin(1), logits.argmax(1))
     assert torch.allclose(node, 0.5 * -logits)
+
+
+def test_edge_costs_have_one_affine_per_distance():
+    """|w_d[k]| * (-a[:, k]) + b_d[k] for distance k (public code); one shared pair with 0 distances."""
+    from cmt_cops_d2.modeling.cops.heads import COPSCosts
+
+    costs = COPSCosts(3)
+    aff = torch.randn(2, 3, 2, 4, 5)
+    with torch.no_grad():
+        costs.w_d.copy_(torch.tensor([1.5, -0.5, 2.0]))
+        costs.b_d.copy_(torch.tensor([0.1, 0.2, -0.3]))
+    edge = costs.edge_costs(aff)
+    for k, (w, b) in enumerate([(1.5, 0.1), (0.5, 0.2), (2.0, -0.3)]):
+        torch.testing.assert_close(edge[:, k], w * -aff[:, k] + b)
+    with pytest.raises(ValueError, match="3 edge-cost affines for 2 distances"):
+        costs.edge_costs(aff[:, :2])
+    shared = COPSCosts(0)
+    assert shared.w_d.shape == () and torch.equal(shared.edge_costs(aff), -aff)
