@@ -17,7 +17,7 @@ from cmt_cops_d2.data.mappers import build_train_mapper
 from cmt_cops_d2.engine import setup_cfg
 from cmt_cops_d2.engine.optimizer import build_optimizer
 from cmt_cops_d2.modeling.cops.amwc_layer import AMWCSettings
-from cmt_cops_d2.modeling.cops.meta_arch import loss_slots
+from cmt_cops_d2.modeling.cops.criterion import loss_slots
 
 from ...conftest import CONFIG_DIR
 
@@ -42,7 +42,7 @@ def full_cfg(*opts):
 def build(cfg, seed=0, lambdas=(500.0, 2000.0)):
     torch.manual_seed(seed)
     model = build_model(cfg)
-    model.amwc_settings = AMWCSettings(lambdas=lambdas, num_threads=1)  # deterministic backward
+    model.criterion.amwc_settings = AMWCSettings(lambdas=lambdas, num_threads=1)  # deterministic backward
     return model
 
 
@@ -51,7 +51,7 @@ def no_dropout(model):
     for m in model.modules():
         if isinstance(m, (ASPP, nn.Dropout)):
             m.eval()
-    model.cost_dropout = 0.0
+    model.criterion.cost_dropout = 0.0
 
 
 def bn_param_names(model):

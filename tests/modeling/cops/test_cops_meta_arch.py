@@ -16,7 +16,7 @@ from detectron2.structures import ImageList
 from cmt_cops_d2.data.mappers import build_train_mapper
 from cmt_cops_d2.engine import Trainer, setup_cfg
 from cmt_cops_d2.modeling.cops.heads import edge_features, edge_valid_mask
-from cmt_cops_d2.modeling.cops.meta_arch import affinity_mask_score, panoptic_from_solution, void_small_segments
+from cmt_cops_d2.modeling.cops.postprocess import affinity_mask_score, panoptic_from_solution, void_small_segments
 from cmt_cops_d2.solvers import edge_maps_to_flat, grid_edge_valid_mask
 from cmt_cops_d2.solvers.checks import check_amwc_solution
 
