@@ -10,9 +10,6 @@ Other keys the COPS meta-architecture reads:
   ``PanopticDeepLabSemSegHead`` with the public COPS head: DeepLabV3+ decoder + two dense 3x3 convs +
   K-class predictor). Its ``LOSS_TOP_K`` is *replaced* by
   ``MODEL.COPS.SEMANTIC_TOP_K``; its ``LOSS_WEIGHT`` weights the semantic loss.
-* ``MODEL.INS_EMBED_HEAD.{IN_FEATURES, PROJECT_FEATURES, PROJECT_CHANNELS, ASPP_CHANNELS,
-  ASPP_DILATIONS, ASPP_DROPOUT, CONVS_DIM, NORM}``: the affinity branch's own DeepLabV3+ decoder (the
-  public COPS code also configures its affinity branch through ``INS_EMBED_HEAD``).
 * ``MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV``: depthwise-separable ASPP branches and fuse convs
   in both DeepLabV3+ decoders (public COPS configs: True); the semantic head after the decoder stays
   two dense 3x3 convs either way (``COPSSemSegHead``).
@@ -45,13 +42,27 @@ def add_cops_config(cfg: CN) -> CN:
     # Fraction of hardest pixels of the semantic DeepLab top-k CE (Cityscapes 0.2, COCO 1.0).
     # Replaces MODEL.SEM_SEG_HEAD.LOSS_TOP_K.
     c.SEMANTIC_TOP_K = 0.2
+    # ---- affinity branch (built by name from COPS_AFFINITY_HEAD_REGISTRY) ----------------------
+    c.AFFINITY_HEAD = CN()
+    a = c.AFFINITY_HEAD
+    a.NAME = "COPSAffinityHead"
+    # Its own DeepLabV3+ decoder (the public COPS code's AFF_EMBED_HEAD keys and values); depthwise
+    # separable with MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV, like the semantic decoder.
+    a.IN_FEATURES = ["res2", "res3", "res5"]
+    a.PROJECT_FEATURES = ["res2", "res3"]
+    a.PROJECT_CHANNELS = [32, 64]
+    a.ASPP_CHANNELS = 256
+    a.ASPP_DILATIONS = [6, 12, 18]
+    a.ASPP_DROPOUT = 0.1
+    a.CONVS_DIM = 256
+    a.NORM = "SyncBN"
+    # Channels of the two 3x3 convs after cat(decoder features, detached semantic logits) (public: 256).
+    # The per-distance predictors narrow to 1/4 and 1/8 of their input.
+    a.HEAD_CHANNELS = 256
     # Which vertical and horizontal edge of distance d > 1 a predictor's last 1x1 conv mixes at one slot:
     # "center" (the two edges centred at the same pixel, a "+"; public code; needs even distances) or
-    # "anchor" (the two edges starting at the same pixel, an "L"; this project before 2026-11-30).
-    c.EDGE_ALIGNMENT = "center"
-    # Channels of the two 3x3 convs after cat(affinity decoder features, detached semantic logits)
-    # (public yamls: 256). The per-distance predictors narrow to 1/4 and 1/8 of their input.
-    c.AFFINITY_HEAD_CHANNELS = 256
+    # "anchor" (the two edges starting at the same pixel, an "L").
+    a.EDGE_ALIGNMENT = "center"
     # Thing clusters with fewer grid pixels become void at inference (public code: 12 // 4 = 3).
     c.MIN_THING_CLUSTER_SIZE = 3
     # Threads of the AMWC solver at inference (one problem per image); 0 = os.cpu_count().

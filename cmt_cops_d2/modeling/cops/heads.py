@@ -19,7 +19,7 @@ Affinity branch (:class:`COPSAffinityHead`)
   1 horizontal), not grouped, so it mixes a vertical and a horizontal edge. Its input:
 
   - ``d = 1``: ``F`` itself (the 3x3 convs of the predictor see both endpoints);
-  - ``d > 1``, ``MODEL.COPS.EDGE_ALIGNMENT "center"`` (the public code; ``d`` even, ``h = d / 2``):
+  - ``d > 1``, ``MODEL.COPS.AFFINITY_HEAD.EDGE_ALIGNMENT "center"`` (the public code; ``d`` even, ``h = d / 2``):
     ``cat(F[r + h, c] - F[r - h, c], F[r, c + h] - F[r, c - h])``, the vertical and the horizontal edge
     *centred* at ``(r, c)`` (a "+"; :func:`centered_edge_features`); the logits are then moved to the
     anchor slots below;
@@ -48,15 +48,26 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
+from detectron2.utils.registry import Registry
 from detectron2.projects.deeplab import DeepLabV3PlusHead
 from detectron2.projects.panoptic_deeplab import PanopticDeepLabSemSegHead
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["COPSSemSegHead", "COPSAffinityHead", "COPSCosts", "edge_features", "centered_edge_features",
+__all__ = ["COPS_AFFINITY_HEAD_REGISTRY", "build_affinity_head", "COPSSemSegHead", "COPSAffinityHead", "COPSCosts", "edge_features", "centered_edge_features",
            "edge_valid_mask", "EDGE_ALIGNMENTS"]
 
 EDGE_ALIGNMENTS = ("center", "anchor")
+
+COPS_AFFINITY_HEAD_REGISTRY = Registry("COPS_AFFINITY_HEAD")
+COPS_AFFINITY_HEAD_REGISTRY.__doc__ = """
+Affinity branches of COPS: backbone features + stride-4 semantic logits -> "cut" logits
+``B x D x 2 x h x w``. Built by name from ``MODEL.COPS.AFFINITY_HEAD.NAME``.
+"""
+
+
+def build_affinity_head(cfg, input_shape) -> nn.Module:
+    return COPS_AFFINITY_HEAD_REGISTRY.get(cfg.MODEL.COPS.AFFINITY_HEAD.NAME)(cfg, input_shape)
 
 
 def edge_features(feat: torch.Tensor, d: int) -> torch.Tensor:
@@ -169,6 +180,7 @@ class COPSSemSegHead(PanopticDeepLabSemSegHead):
         return ret
 
 
+@COPS_AFFINITY_HEAD_REGISTRY.register()
 class COPSAffinityHead(DeepLabV3PlusHead):
     """Affinity branch: own DeepLabV3+ decoder, detached semantic logits, per-distance predictors."""
 
@@ -190,12 +202,12 @@ class COPSAffinityHead(DeepLabV3PlusHead):
         assert self.decoder_only
         self.edge_distances = [int(d) for d in edge_distances]
         if edge_alignment not in EDGE_ALIGNMENTS:
-            raise ValueError(f"MODEL.COPS.EDGE_ALIGNMENT={edge_alignment!r}: use one of {EDGE_ALIGNMENTS}")
+            raise ValueError(f"MODEL.COPS.AFFINITY_HEAD.EDGE_ALIGNMENT={edge_alignment!r}: use one of {EDGE_ALIGNMENTS}")
         odd = [d for d in self.edge_distances if d > 1 and d % 2]
         if edge_alignment == "center" and odd:
             raise ValueError(f"MODEL.COPS.EDGE_DISTANCES {self.edge_distances}: {odd} are odd, and an edge of "
                              "odd length has no centre pixel; use even distances (besides 1) or "
-                             "MODEL.COPS.EDGE_ALIGNMENT anchor")
+                             "MODEL.COPS.AFFINITY_HEAD.EDGE_ALIGNMENT anchor")
         self.edge_alignment = edge_alignment
         cin = decoder_channels[0] + int(num_classes_semantic)
         self.head = nn.Sequential(_conv(cin, head_channels, 3, norm), _conv(head_channels, head_channels, 3, norm))
@@ -205,7 +217,7 @@ class COPSAffinityHead(DeepLabV3PlusHead):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        h = cfg.MODEL.INS_EMBED_HEAD
+        h = cfg.MODEL.COPS.AFFINITY_HEAD
         train_size = cfg.INPUT.CROP.SIZE if cfg.INPUT.CROP.ENABLED else None
         if train_size is not None:
             assert cfg.INPUT.CROP.TYPE == "absolute"
@@ -220,9 +232,9 @@ class COPSAffinityHead(DeepLabV3PlusHead):
             train_size=train_size,
             use_depthwise_separable_conv=cfg.MODEL.SEM_SEG_HEAD.USE_DEPTHWISE_SEPARABLE_CONV,
             num_classes_semantic=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
-            head_channels=cfg.MODEL.COPS.AFFINITY_HEAD_CHANNELS,
+            head_channels=h.HEAD_CHANNELS,
             edge_distances=cfg.MODEL.COPS.EDGE_DISTANCES,
-            edge_alignment=cfg.MODEL.COPS.EDGE_ALIGNMENT,
+            edge_alignment=h.EDGE_ALIGNMENT,
         )
 
     def affinity_features(self, features: Dict[str, torch.Tensor], sem_logits: torch.Tensor) -> torch.Tensor:

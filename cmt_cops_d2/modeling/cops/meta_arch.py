@@ -97,7 +97,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ...solvers import edge_maps_to_flat, grid_edges, solve_amwc_batch
 from .amwc_layer import AMWCSettings
 from .criterion import COPSCriterion
-from .heads import COPSAffinityHead, COPSCosts, COPSSemSegHead
+from .heads import COPSCosts, COPSSemSegHead, build_affinity_head
 from .postprocess import (grid_to_image, instances_from_panoptic, panoptic_from_solution, semantic_from_labels,
                           void_small_segments)
 
@@ -120,7 +120,7 @@ class COPS(nn.Module):
     """COPS: semantic + affinity CNN and the asymmetric multiway cut (see the module doc)."""
 
     @configurable
-    def __init__(self, *, backbone: nn.Module, sem_seg_head: nn.Module, affinity_head: COPSAffinityHead,
+    def __init__(self, *, backbone: nn.Module, sem_seg_head: nn.Module, affinity_head: nn.Module,
                  pixel_mean, pixel_std, size_divisibility: int, target_stride: int,
                  edge_distances: Sequence[int], thing_ids: Sequence[int], num_classes: int,
                  affinity_loss_weight: float, affinity_top_k: float, min_thing_cluster_size: int,
@@ -242,7 +242,7 @@ class COPS(nn.Module):
         return {
             "backbone": backbone,
             "sem_seg_head": sem_seg_head,
-            "affinity_head": COPSAffinityHead(cfg, shapes),
+            "affinity_head": build_affinity_head(cfg, shapes),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": c.SIZE_DIVISIBILITY,

@@ -98,7 +98,7 @@ def _affinities(model, batch):
 
 def test_anchor_alignment_predicts_from_the_edges_starting_at_each_slot(tiny_synthetic, batch):
     torch.manual_seed(0)
-    model = build_model(tiny_cfg("MODEL.COPS.EDGE_ALIGNMENT", "anchor"))
+    model = build_model(tiny_cfg("MODEL.COPS.AFFINITY_HEAD.EDGE_ALIGNMENT", "anchor"))
     aff, feat = _affinities(model, batch)
     h, w = feat.shape[-2:]
     assert aff.shape == (2, len(DISTANCES), 2, h, w)
@@ -145,9 +145,9 @@ def test_center_alignment_is_the_public_plus_moved_to_anchor_slots(model, batch)
 def test_center_alignment_needs_even_distances(tiny_synthetic):
     with pytest.raises(ValueError, match=r"EDGE_DISTANCES .*\[3\] are odd.*EDGE_ALIGNMENT anchor"):
         build_model(tiny_cfg("MODEL.COPS.EDGE_DISTANCES", "[1, 2, 3]"))
-    build_model(tiny_cfg("MODEL.COPS.EDGE_DISTANCES", "[1, 2, 3]", "MODEL.COPS.EDGE_ALIGNMENT", "anchor"))
+    build_model(tiny_cfg("MODEL.COPS.EDGE_DISTANCES", "[1, 2, 3]", "MODEL.COPS.AFFINITY_HEAD.EDGE_ALIGNMENT", "anchor"))
     with pytest.raises(ValueError, match=r"EDGE_ALIGNMENT='middle'"):
-        build_model(tiny_cfg("MODEL.COPS.EDGE_ALIGNMENT", "middle"))
+        build_model(tiny_cfg("MODEL.COPS.AFFINITY_HEAD.EDGE_ALIGNMENT", "middle"))
 
 
 def test_panoptic_from_solution_rules():

@@ -63,3 +63,21 @@ def test_separable_decoders_and_a_dense_semantic_head():
 def test_the_semantic_head_must_be_the_cops_head():
     with pytest.raises(ValueError, match=r"MODEL.SEM_SEG_HEAD.NAME='PanopticDeepLabSemSegHead'.*COPSSemSegHead"):
         meta_model("coco", "MODEL.SEM_SEG_HEAD.NAME", "PanopticDeepLabSemSegHead")
+
+
+def test_the_affinity_branch_is_built_by_name():
+    from cmt_cops_d2.modeling.cops.heads import COPS_AFFINITY_HEAD_REGISTRY, COPSAffinityHead
+
+    @COPS_AFFINITY_HEAD_REGISTRY.register()
+    class WiderAffinityHead(COPSAffinityHead):
+        pass
+
+    try:
+        model = meta_model("coco", "MODEL.COPS.AFFINITY_HEAD.NAME", "WiderAffinityHead",
+                           "MODEL.COPS.AFFINITY_HEAD.HEAD_CHANNELS", "128")
+        assert type(model.affinity_head) is WiderAffinityHead
+        assert model.affinity_head.head[1].out_channels == 128
+    finally:
+        COPS_AFFINITY_HEAD_REGISTRY._obj_map.pop("WiderAffinityHead")
+    with pytest.raises(KeyError, match="NoSuchHead"):
+        meta_model("coco", "MODEL.COPS.AFFINITY_HEAD.NAME", "NoSuchHead")
