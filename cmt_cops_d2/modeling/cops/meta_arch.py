@@ -57,7 +57,7 @@ skipped: not solved, no contribution to the loss. If every image of the batch is
 
 **Inference.** Node costs ``|w_s| * (-s) + b_s`` and edge costs ``|w_d| * (-a) + b_d`` per distance (positive =
 attractive) on the stride-4 grid of each image (``ceil(H / 4) x ceil(W / 4)`` cells of the padded grid),
-``solve_amwc_batch`` with ``partitionable`` = thing classes of the metadata, then (notes Sec. 1a): every
+``solve_amwc_maps`` (the solver entry the AMWC layer uses too) with ``partitionable`` = thing classes of the metadata, then (notes Sec. 1a): every
 stuff class present gives one segment; every AMWC cluster of a thing class gives one segment, clusters
 with fewer than ``MODEL.COPS.MIN_THING_CLUSTER_SIZE`` grid pixels become void. The grid map is upsampled
 (nearest, x4) and cropped to the input size; with ``MODEL.COPS.INFERENCE_AREA_GATE`` (default) thing
@@ -94,8 +94,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ...solvers import edge_maps_to_flat, grid_edges, solve_amwc_batch
-from .amwc_layer import AMWCSettings
+from .amwc_layer import AMWCSettings, solve_amwc_maps
 from .criterion import COPSCriterion
 from .heads import COPSCosts, COPSSemSegHead, build_affinity_head
 from .postprocess import (grid_to_image, instances_from_panoptic, panoptic_from_solution, semantic_from_labels,
@@ -162,7 +161,6 @@ class COPS(nn.Module):
         if self.size_divisibility % self.target_stride:
             raise ValueError(f"size divisibility {self.size_divisibility} must be a multiple of "
                              f"MODEL.COPS.TARGET_STRIDE {self.target_stride}")
-        self._edges_cache: Dict[Tuple[int, int], np.ndarray] = {}
         self.criterion = COPSCriterion(
             edge_distances=self.edge_distances, is_thing=self.is_thing,
             affinity_loss_weight=affinity_loss_weight, affinity_top_k=affinity_top_k,
@@ -319,23 +317,20 @@ class COPS(nn.Module):
             self._warned_w_s = True
         return losses
 
-    def _edges(self, h: int, w: int) -> np.ndarray:
-        key = (h, w)
-        if key not in self._edges_cache:
-            self._edges_cache[key] = grid_edges(h, w, self.edge_distances)
-        return self._edges_cache[key]
-
     def solve(self, node_costs: torch.Tensor, edge_costs: torch.Tensor, grid_sizes: Sequence[Tuple[int, int]]):
-        """AMWC per image on the top-left ``grid_sizes[b]`` cells; returns ``[(labels h x w, clusters h x w)]``."""
-        theta = node_costs.detach().double().cpu().numpy()
-        cost = edge_costs.detach().double().cpu().numpy()
-        problems = []
-        for b, (h, w) in enumerate(grid_sizes):
-            nodes = np.ascontiguousarray(theta[b, :, :h, :w].reshape(theta.shape[1], -1).T)
-            edges = edge_maps_to_flat(np.ascontiguousarray(cost[b, :, :, :h, :w]), self.edge_distances)
-            problems.append((nodes, self._edges(h, w), edges, self.is_thing))
-        results = solve_amwc_batch(problems, num_threads=self.solver_threads)
-        return [(lab.reshape(h, w), cid.reshape(h, w)) for (lab, cid, _), (h, w) in zip(results, grid_sizes)]
+        """AMWC per image on the top-left ``grid_sizes[b]`` cells, through the solver entry that training
+        uses too (``amwc_layer.solve_amwc_maps``: inputs checked there); images of equal grid size are
+        solved in one call. Returns ``[(labels h x w, clusters h x w)]``."""
+        groups: Dict[Tuple[int, int], List[int]] = {}
+        for b, hw in enumerate(grid_sizes):
+            groups.setdefault(tuple(hw), []).append(b)
+        out: List[Optional[Tuple[np.ndarray, np.ndarray]]] = [None] * len(grid_sizes)
+        for (h, w), idx in groups.items():
+            *_, results = solve_amwc_maps(node_costs[idx, :, :h, :w], edge_costs[idx, :, :, :h, :w],
+                                          self.edge_distances, self.is_thing, self.solver_threads)
+            for b, (labels, clusters, _) in zip(idx, results):
+                out[b] = (labels.reshape(h, w), clusters.reshape(h, w))
+        return out
 
     @torch.no_grad()
     def inference(self, sem_logits, aff_logits, batched_inputs, images: ImageList) -> List[dict]:

@@ -17,7 +17,7 @@ from cmt_cops_d2.data.mappers import build_train_mapper
 from cmt_cops_d2.engine import Trainer, setup_cfg
 from cmt_cops_d2.modeling.cops.heads import edge_features, edge_valid_mask
 from cmt_cops_d2.modeling.cops.postprocess import affinity_mask_score, panoptic_from_solution, void_small_segments
-from cmt_cops_d2.solvers import edge_maps_to_flat, grid_edge_valid_mask
+from cmt_cops_d2.solvers import edge_maps_to_flat, grid_edge_valid_mask, grid_edges
 from cmt_cops_d2.solvers.checks import check_amwc_solution
 
 from ...conftest import CONFIG_DIR
@@ -281,7 +281,7 @@ def test_inference_is_feasible_and_accepted_by_evaluator(cfg, model, tmp_path):
         for b, ((h, w), (lab, cid)) in enumerate(zip(grid_sizes, sols)):
             theta = node_costs[b, :, :h, :w].double().reshape(node_costs.shape[1], -1).T.numpy()
             costs = edge_maps_to_flat(edge_costs[b, :, :, :h, :w].double().numpy(), DISTANCES)
-            check_amwc_solution(theta, model._edges(h, w), costs, model.is_thing, lab.reshape(-1),
+            check_amwc_solution(theta, grid_edges(h, w, DISTANCES), costs, model.is_thing, lab.reshape(-1),
                                 cid.reshape(-1))
             calls.append(b)
         return sols
@@ -355,3 +355,14 @@ def test_perfect_logits_reproduce_ground_truth(model, batch, monkeypatch):
         assert (grid == ids[0])[gt >= 0].sum() == m.sum()  # no other GT segment shares the id
         checked += 1
     assert checked >= 2
+
+
+def test_inference_checks_the_costs_at_the_solver_entry(tiny_synthetic, batch):
+    """Inference goes through the same checked entry as training: a NaN cost is an error naming it."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg()).eval()
+    with torch.no_grad():
+        model.costs.b_d.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"edge_costs contains NaN or inf"):
+        with torch.no_grad():
+            model([{"image": batch[0]["image"]}])
