@@ -127,15 +127,20 @@ def main(argv=None):
         table.append((name, results))
     budget = "the config's" if args.iters is None else str(args.iters)
     print(f"\n{budget} iterations, seeds {' '.join(map(str, args.seeds))} (mean +- half range)")
-    print("| model | PQ | PQ_th | PQ_st | per seed PQ |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(table_lines(table)))
+
+
+def table_lines(table) -> List[str]:
+    """Markdown rows ``| name | PQ | PQ_th | PQ_st | per seed PQ |`` (mean +- half the range)."""
+    lines = ["| model | PQ | PQ_th | PQ_st | per seed PQ |", "| --- | --- | --- | --- | --- |"]
     for name, results in table:
         cells = []
         for k in ("PQ", "PQ_th", "PQ_st"):
             values = [res[k] for res in results]
             cells.append(f"{sum(values) / len(values):.2f} +- {(max(values) - min(values)) / 2:.2f}")
         seeds = " / ".join(f"{res['PQ']:.2f}" for res in results)
-        print(f"| {name} | {' | '.join(cells)} | {seeds} |")
+        lines.append(f"| {name} | {' | '.join(cells)} | {seeds} |")
+    return lines
 
 
 if __name__ == "__main__":
