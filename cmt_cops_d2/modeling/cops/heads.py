@@ -187,7 +187,7 @@ class COPSAffinityHead(DeepLabV3PlusHead):
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, decoder_channels: List[int], norm: str,
                  num_classes_semantic: int, head_channels: int, edge_distances: Sequence[int],
-                 edge_alignment: str = "center", **kwargs):
+                 edge_alignment: str, **kwargs):
         """
         Args:
             input_shape, decoder_channels, norm, kwargs: of ``DeepLabV3PlusHead`` (decoder-only).

@@ -123,12 +123,14 @@ class COPS(nn.Module):
                  pixel_mean, pixel_std, size_divisibility: int, target_stride: int,
                  edge_distances: Sequence[int], thing_ids: Sequence[int], num_classes: int,
                  affinity_loss_weight: float, affinity_top_k: float, min_thing_cluster_size: int,
-                 solver_threads: int, stage: str = "pretrain", amwc_settings: Optional[AMWCSettings] = None,
-                 pq_loss_weight: float = 10.0, thing_area: float = 200.0, stuff_area: float = 4096.0,
-                 inference_area_gate: bool = True, predict_instances: bool = True,
-                 per_distance_edge_affine: bool = True, cost_dropout: float = 0.1,
-                 full_trainable: Sequence[str] = (), full_lr_multipliers: Sequence[float] = ()):
+                 solver_threads: int, stage: str, amwc_settings: Optional[AMWCSettings],
+                 pq_loss_weight: float, thing_area: float, stuff_area: float, inference_area_gate: bool,
+                 predict_instances: bool, per_distance_edge_affine: bool, cost_dropout: float,
+                 full_trainable: Sequence[str], full_lr_multipliers: Sequence[float]):
         """
+        Every setting comes from ``MODEL.COPS`` (:meth:`from_config`); the defaults live in
+        ``modeling/cops/config.py`` only.
+
         Args (besides the modules and the pretraining / inference settings):
             stage: ``MODEL.COPS.STAGE``, "pretrain" or "full" (module doc).
             amwc_settings: the AMWC layer's backward settings (lambda interval, N, threads).
