@@ -40,8 +40,12 @@ def add_cmt_cops_d2_config(cfg: CN) -> CN:
 
     add_cops_config(cfg)
 
-    # Also run SemSegEvaluator (mIoU) on panoptic datasets that have semantic PNGs.
+    # Also evaluate mIoU on panoptic datasets: Cityscapes' own evaluator (gtFine/*_labelIds.png), or
+    # SemSegEvaluator where the dataset has semantic PNGs (COCO: prepare_coco_semantic_from_panoptic.py).
     cfg.TEST.SEMANTIC_EVALUATION = False
+    # Also evaluate instance AP (Cityscapes' own evaluator, gtFine/*_instanceIds.png) from the model's
+    # "instances" output (COPS: MODEL.COPS.PREDICT_INSTANCES).
+    cfg.TEST.INSTANCE_EVALUATION = False
 
     return cfg
 

@@ -2,7 +2,7 @@
 # The one install step of cmt_cops_d2.
 #
 # Creates the project environment .venv/ at the repository root (if missing) and installs, pinned in
-# requirements.txt: PyTorch + torchvision, Detectron2, panopticapi, fvcore, pycocotools, numba,
+# requirements.txt: PyTorch + torchvision, Detectron2, panopticapi, cityscapesscripts, fvcore, pycocotools, numba,
 # OpenCV, scipy and pytest; then this plugin itself (editable). A second run with nothing changed
 # finishes in seconds.
 #
@@ -36,7 +36,7 @@ STAMP="$VENV/.cmt_cops_d2_install_stamp"
 WANT="$(cat requirements.txt tools/install.sh tools/install_detectron2.py setup.py | sha256sum | cut -d' ' -f1)"
 
 if [ -x "$VENV/bin/python" ] && [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
-  if "$VENV/bin/python" -c "import torch, torchvision, detectron2, panopticapi.evaluation, numba, cmt_cops_d2" 2>/dev/null; then
+  if "$VENV/bin/python" -c "import torch, torchvision, detectron2, panopticapi.evaluation, numba, cmt_cops_d2, cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling" 2>/dev/null; then
     say "environment $VENV is up to date"
     exit 0
   fi
@@ -52,10 +52,32 @@ PY="$VENV/bin/python"
 pip_install() { "$PY" -m pip install $PIP_ARGS --disable-pip-version-check -q "$@"; }
 
 say "installing the pinned requirements (requirements.txt)"
-grep -v -E '^\s*panopticapi-lite' requirements.txt > "$VENV/.requirements-main.txt"
+NO_DEPS='^\s*(panopticapi-lite|cityscapesscripts)=='
+grep -v -E "$NO_DEPS" requirements.txt > "$VENV/.requirements-main.txt"
 pip_install -r "$VENV/.requirements-main.txt"
-# panopticapi-lite pins numpy<2 in its metadata but runs with numpy 2: install it without deps.
-pip_install --no-deps "$(grep -E '^\s*panopticapi-lite' requirements.txt | tr -d ' ')"
+# panopticapi-lite pins numpy<2 in its metadata but runs with numpy 2; cityscapesscripts requires the
+# Python 2 `typing` backport: both without deps (what they import is pinned in requirements.txt).
+pip_install --no-deps $(grep -E "$NO_DEPS" requirements.txt | tr -d ' ')
+
+# cityscapesscripts 2.3.0 and numpy 2 (patched in place, idempotent; tests/engine run its evaluations):
+# np.in1d is gone (np.isin is the same test; the callers reshape its result anyway), and numpy scalars
+# now reach its JSON writer, whose fallback reads o.__dict__ (numpy scalars: o.item()).
+"$PY" - <<'EOF' || die "could not patch cityscapesscripts for numpy 2"
+import pathlib, cityscapesscripts
+root = pathlib.Path(cityscapesscripts.__path__[0])
+fixes = {"evaluation/evalPixelLevelSemanticLabeling.py": [("np.in1d(", "np.isin(")],
+         "evaluation/evalInstanceLevelSemanticLabeling.py": [("np.in1d(", "np.isin(")],
+         "helpers/csHelpers.py": [("default=lambda o: o.__dict__",
+                                   "default=lambda o: o.item() if hasattr(o, 'item') else o.__dict__")]}
+for name, pairs in fixes.items():
+    path = root / name
+    text = path.read_text()
+    for old, new in pairs:
+        if new not in text:
+            assert old in text, f"{path}: {old!r} not found"
+            text = text.replace(old, new)
+    path.write_text(text)
+EOF
 
 d2_ok() {
   "$PY" - <<'EOF' 2>/dev/null
@@ -101,7 +123,7 @@ fi
 say "installing cmt_cops_d2 (editable)"
 pip_install --no-build-isolation --no-deps -e .
 
-"$PY" -c "import torch, torchvision, detectron2, panopticapi.evaluation, numba, cmt_cops_d2" \
+"$PY" -c "import torch, torchvision, detectron2, panopticapi.evaluation, numba, cmt_cops_d2, cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling" \
   || die "the environment does not import; see the messages above"
 echo "$WANT" > "$STAMP"
 say "done in $(( $(date +%s) - start )) s: torch $("$PY" -c 'import torch; print(torch.__version__)'), detectron2 $("$PY" -c 'import detectron2; print(detectron2.__version__)'); use $VENV/bin/python"

@@ -19,7 +19,8 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
-from detectron2.evaluation import COCOPanopticEvaluator, DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import (CityscapesInstanceEvaluator, CityscapesSemSegEvaluator, COCOPanopticEvaluator,
+                                    DatasetEvaluators, SemSegEvaluator)
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -33,6 +34,16 @@ __all__ = ["Trainer", "setup_cfg", "create_ddp_model", "check_cfg", "default_set
            "weights_error_context"]
 
 PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
+
+
+def predicts_instances(cfg: CfgNode) -> bool:
+    """Whether the configured model adds ``instances`` (thing masks with scores) to its outputs."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch == "COPS":
+        return bool(cfg.MODEL.COPS.PREDICT_INSTANCES)
+    if arch == "PanopticDeepLab":
+        return bool(cfg.MODEL.PANOPTIC_DEEPLAB.PREDICT_INSTANCES)
+    return False
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
@@ -132,16 +143,32 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """PQ (``COCOPanopticEvaluator``) on panoptic datasets; with ``TEST.SEMANTIC_EVALUATION`` also
+        mIoU (Cityscapes: ``CityscapesSemSegEvaluator`` on ``gtFine/*_labelIds.png``; COCO:
+        ``SemSegEvaluator`` with semantic PNGs); with ``TEST.INSTANCE_EVALUATION`` also instance AP
+        (Cityscapes: ``CityscapesInstanceEvaluator``), for a model that outputs ``instances``."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         meta = MetadataCatalog.get(dataset_name)
         evaluator_type = getattr(meta, "evaluator_type", None)
         evaluators = []
+        if cfg.TEST.INSTANCE_EVALUATION:
+            if evaluator_type != "cityscapes_panoptic_seg":
+                raise ValueError(f"TEST.INSTANCE_EVALUATION: instance AP is evaluated on Cityscapes only; "
+                                 f"{dataset_name!r} has evaluator_type={evaluator_type!r}")
+            if not predicts_instances(cfg):
+                raise ValueError(f"TEST.INSTANCE_EVALUATION is on, but {cfg.MODEL.META_ARCHITECTURE} with this "
+                                 "config outputs no 'instances' (COPS: MODEL.COPS.PREDICT_INSTANCES True); "
+                                 "its AP would be 0")
         if evaluator_type in PANOPTIC_EVALUATOR_TYPES:
             evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
-            if cfg.TEST.SEMANTIC_EVALUATION and getattr(meta, "sem_seg_root", None):
+            if cfg.TEST.SEMANTIC_EVALUATION and evaluator_type == "cityscapes_panoptic_seg":
+                evaluators.append(CityscapesSemSegEvaluator(dataset_name))
+            elif cfg.TEST.SEMANTIC_EVALUATION and getattr(meta, "sem_seg_root", None):
                 evaluators.append(SemSegEvaluator(dataset_name, distributed=True,
                                                   output_dir=output_folder))
+            if cfg.TEST.INSTANCE_EVALUATION:
+                evaluators.append(CityscapesInstanceEvaluator(dataset_name))
         elif evaluator_type == "sem_seg":
             evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
         if not evaluators:
