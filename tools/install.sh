@@ -73,9 +73,8 @@ for name, pairs in fixes.items():
     path = root / name
     text = path.read_text()
     for old, new in pairs:
-        if new not in text:
-            assert old in text, f"{path}: {old!r} not found"
-            text = text.replace(old, new)
+        text = text.replace(old, new)   # idempotent: no `old` is part of its `new`
+        assert old not in text, f"{path}: {old!r} left"
     path.write_text(text)
 EOF
 
