@@ -36,6 +36,6 @@ def test_existing_results_are_tabulated_per_stage_and_gate(tmp_path, capsys):
 
 
 def test_a_failed_run_stops_with_an_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(cops.subprocess, "call", lambda *a, **k: 3)
+    monkeypatch.setattr("subprocess.call", lambda *a, **k: 3)
     with pytest.raises(SystemExit, match="exited with 3"):
         cops.main(["--seeds", "0", "--output-dir", str(tmp_path)])

@@ -87,22 +87,29 @@ def run_folder(output_dir: str, name: str, seed: int) -> str:
     return os.path.join(output_dir, f"{slug}_seed{seed}")
 
 
+def train(config: str, opts: List[str], seed: int, out: str, what: str) -> Dict[str, float]:
+    """``tools/train_net.py --config-file config opts SEED seed OUTPUT_DIR out`` (log in ``out.log``);
+    the final PQ. A failed run or one without a result ends the script, naming ``what``."""
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config,
+           *opts, "SEED", str(seed), "OUTPUT_DIR", out]
+    print("running:", " ".join(cmd), flush=True)
+    os.makedirs(out, exist_ok=True)
+    with open(out + ".log", "w") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code != 0:
+        sys.exit(f"{what}: train_net.py exited with {code}; see {out}.log")
+    result = final_pq(out)
+    if result is None:
+        sys.exit(f"{what}: no panoptic_seg result in {out}/metrics.json")
+    return result
+
+
 def run(name: str, opts: List[str], seed: int, args) -> Dict[str, float]:
     out = run_folder(args.output_dir, name, seed)
     result = None if args.retrain else final_pq(out)
     if result is None:
         iters = [] if args.iters is None else ["SOLVER.MAX_ITER", str(args.iters)]
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", CONFIG,
-               *opts, *iters, "SEED", str(seed), "OUTPUT_DIR", out]
-        print("running:", " ".join(cmd), flush=True)
-        os.makedirs(out, exist_ok=True)
-        with open(out + ".log", "w") as log:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        if code != 0:
-            sys.exit(f"{name}, seed {seed}: train_net.py exited with {code}; see {out}.log")
-        result = final_pq(out)
-        if result is None:
-            sys.exit(f"{name}, seed {seed}: no panoptic_seg result in {out}/metrics.json")
+        result = train(CONFIG, [*opts, *iters], seed, out, f"{name}, seed {seed}")
     print(f"{name}, seed {seed}: " + " ".join(f"{k} {v:.2f}" for k, v in result.items()), flush=True)
     return result
 

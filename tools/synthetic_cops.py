@@ -23,34 +23,21 @@ non-zero exit status.
 import argparse
 import json
 import os
-import subprocess
 import sys
 from typing import Dict, List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from synthetic_ablation import final_pq, table_lines  # noqa: E402
+from synthetic_ablation import final_pq, table_lines, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(ROOT, "configs", "synthetic", "cops_tiny_pretrain.yaml")
 FULL = os.path.join(ROOT, "configs", "synthetic", "cops_tiny_full.yaml")
 
 
-def train(config: str, out: str, seed: int, opts: List[str]) -> Dict[str, float]:
-    """Train ``config`` into ``out`` (unless it already holds a final result); the final PQ (gate on)."""
+def train_once(config: str, out: str, seed: int, opts: List[str]) -> Dict[str, float]:
+    """Train ``config`` into ``out`` unless it already holds a final result; the final PQ (gate on)."""
     result = final_pq(out)
-    if result is None:
-        cmd = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config, *opts,
-               "SEED", str(seed), "OUTPUT_DIR", out]
-        print("running:", " ".join(cmd), flush=True)
-        os.makedirs(out, exist_ok=True)
-        with open(out + ".log", "w") as log:
-            code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        if code != 0:
-            sys.exit(f"{out}: train_net.py exited with {code}; see {out}.log")
-        result = final_pq(out)
-        if result is None:
-            sys.exit(f"{out}: no panoptic_seg result in its metrics.json")
-    return result
+    return result if result is not None else train(config, opts, seed, out, out)
 
 
 def evaluate_without_gate(config: str, out: str) -> Dict[str, float]:
@@ -87,9 +74,9 @@ def main(argv=None):
     for seed in args.seeds:
         pre = os.path.join(args.output_dir, f"pretrain_seed{seed}")
         full = os.path.join(args.output_dir, f"full_seed{seed}")
-        rows["pretraining, gate on"].append(train(PRETRAIN, pre, seed, []))
+        rows["pretraining, gate on"].append(train_once(PRETRAIN, pre, seed, []))
         rows["full training, gate on"].append(
-            train(FULL, full, seed, ["MODEL.WEIGHTS", os.path.join(pre, "model_final.pth")]))
+            train_once(FULL, full, seed, ["MODEL.WEIGHTS", os.path.join(pre, "model_final.pth")]))
         rows["pretraining, gate off"].append(evaluate_without_gate(PRETRAIN, pre))
         rows["full training, gate off"].append(evaluate_without_gate(FULL, full))
         for name, results in rows.items():
