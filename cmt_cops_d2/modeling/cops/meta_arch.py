@@ -340,7 +340,6 @@ class COPS(nn.Module):
         node_costs, edge_costs = self.costs(sem_logits, aff_logits)
         grid_sizes = [(-(-H // s), -(-W // s)) for H, W in images.image_sizes]
         solutions = self.solve(node_costs, edge_costs, grid_sizes)
-        sem_up = F.interpolate(sem_logits, scale_factor=s, mode="bilinear", align_corners=False)
         results = []
         for b, (x, (H, W), (labels, clusters)) in enumerate(zip(batched_inputs, images.image_sizes, solutions)):
             out_size = (x.get("height", H), x.get("width", W))
@@ -353,9 +352,10 @@ class COPS(nn.Module):
             node_labels = grid_to_image(torch.from_numpy(labels).to(self.device), s, (H, W), out_size)
             result = {"panoptic_seg": (pan, infos),
                       "sem_seg": semantic_from_labels(node_labels, len(self.is_thing))}
-            if self.predict_instances:
+            if self.predict_instances:   # the logits at the output size only where the scores need them
+                sem_up = F.interpolate(sem_logits[b:b + 1], scale_factor=s, mode="bilinear", align_corners=False)
                 result["instances"] = instances_from_panoptic(
-                    pan, infos, grid_pan, sem_seg_postprocess(sem_up[b], (H, W), *out_size), aff_logits[b],
+                    pan, infos, grid_pan, sem_seg_postprocess(sem_up[0], (H, W), *out_size), aff_logits[b],
                     self.edge_distances)
             results.append(result)
         return results
