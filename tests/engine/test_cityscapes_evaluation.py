@@ -94,7 +94,8 @@ def _evaluate(cfg, **kw):
     return evaluator.evaluate()
 
 
-def test_pq_miou_and_ap_in_one_evaluation(cityscapes, tmp_path):
+def test_pq_miou_and_ap_in_one_evaluation(cityscapes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # cityscapesscripts writes matches.json to the working directory
     cfg = _cfg("cityscapes/cops_r50_full.yaml", "OUTPUT_DIR", str(tmp_path / "out"))
     assert cfg.TEST.SEMANTIC_EVALUATION and cfg.TEST.INSTANCE_EVALUATION
     res = _evaluate(cfg)
