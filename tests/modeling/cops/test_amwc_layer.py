@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from cmt_cops_d2.modeling.cops.amwc_layer import AMWCFunction, AMWCSettings, amwc_layer
-from cmt_cops_d2.solvers import grid_edge_valid_mask, grid_edges, solve_amwc
+from cmt_cops_d2.solvers import grid_edge_valid_mask, grid_edges, solve_amwc, solve_mwc
 from cmt_cops_d2.solvers.checks import check_amwc_solution
 
 H, W, K = 3, 4, 3
@@ -349,3 +349,60 @@ def test_input_validation():
     with pytest.raises(ValueError, match="incoming gradient"):
         (out.segments * float("nan")).sum().backward()
     assert AMWCFunction is not None
+
+
+def _algorithm_1(theta, c, seg_cls, seg_pred, dZ, lambdas, reference):
+    """Algorithm 1 written out for one image: lifted labels = one per active slot of each class (a
+    predicted slot, or an extra slot with a non-zero incoming gradient), one plain label for a class
+    without any; ``(MWC(theta_lifted + lambda dL/dZ) - reference) / lambda`` averaged over the lambdas."""
+    active = seg_pred | (dZ != 0).any(axis=1)
+    m, slot = [], []
+    for k in range(K):
+        s = [j for j in range(len(seg_cls)) if active[j] and seg_cls[j] == k]
+        m += [k] * max(len(s), 1)
+        slot += s if s else [-1]
+    m, slot = np.array(m), np.array(slot)
+    delta = np.stack([dZ[j] if j >= 0 else np.zeros(N) for j in slot], axis=1)
+    u, v = EDGES[:, 0], EDGES[:, 1]
+
+    def node_and_cut(z):
+        return np.eye(K)[m[z]], (z[u] != z[v]).astype(np.float64)
+
+    if reference == "amwc":
+        lab, cid, _ = solve_amwc(theta, EDGES, c, PART)
+        x_ref, y_ref = np.eye(K)[lab], (cid[u] != cid[v]).astype(np.float64)
+    else:
+        x_ref, y_ref = node_and_cut(solve_mwc(theta[:, m], EDGES, c)[0])
+    g_th, g_c = np.zeros((N, K)), np.zeros(len(EDGES))
+    for lam in lambdas:
+        x_p, y_p = node_and_cut(solve_mwc(theta[:, m] + lam * delta, EDGES, c)[0])
+        g_th += (x_p - x_ref) / lam
+        g_c += (y_p - y_ref) / lam
+    return g_th / len(lambdas), g_c / len(lambdas)
+
+
+@pytest.mark.parametrize("reference", [None, "amwc", "mwc"])
+def test_gradient_is_algorithm_1_with_its_reference_solution(reference):
+    """The layer's gradients equal Algorithm 1 written out here; the default (None) subtracts the forward
+    AMWC solution as the paper and the public code do, "mwc" the unperturbed lifted MWC solution. The
+    instances are chosen so that the two references give different gradients."""
+    rng = np.random.default_rng(11)
+    lambdas = [0.3, 1.7, 4.0]
+    kw = {} if reference is None else dict(reference=reference)
+    differs = 0
+    for _ in range(40):
+        theta, c, masks, classes = random_problem(rng, node_noise=2.5, edge_noise=2.5)
+        th, ce = to_tensors([theta], [c])
+        out = amwc_layer(th, ce, EDGES, PART, None, [classes], AMWCSettings(lambdas=lambdas, **kw))
+        seg = out.segments
+        seg.retain_grad()
+        batch_loss(out, [(masks, classes)]).backward()
+        S = seg.shape[1]
+        args = (theta, c, out.segment_classes[0].numpy(), out.segment_is_pred[0].numpy(),
+                seg.grad[0].reshape(S, N).numpy(), lambdas)
+        want_th, want_c = _algorithm_1(*args, reference or "amwc")
+        other_th, other_c = _algorithm_1(*args, "mwc" if reference in (None, "amwc") else "amwc")
+        np.testing.assert_allclose(th.grad[0].numpy().reshape(K, N).T, want_th, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(ce.grad[0].numpy(), want_c, rtol=0, atol=1e-12)
+        differs += int(not (np.allclose(want_th, other_th) and np.allclose(want_c, other_c)))
+    assert differs >= 1  # the two references are told apart on these instances

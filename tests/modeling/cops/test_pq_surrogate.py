@@ -263,6 +263,30 @@ def test_one_false_positive_and_one_false_negative():
     assert soft.fp[0].item() == pytest.approx(1 / (1 + np.exp(-0.4)), rel=1e-9)
 
 
+def test_a_failed_match_is_a_false_positive_and_a_false_negative():
+    """B (9 px) predicted as a 4-px square inside it (IoU 4/9 < 1/2): the pair is matched, a TP with
+    probability h sigma, otherwise B is a FN and the prediction a FP (the public code counts no FP for a
+    matched pair; then the hard limit would not be PQ)."""
+    gt, segs = _hand_case()
+    pred = gt.copy()
+    pred[gt == 3] = 1
+    pred[5:7, 5:7] = 3
+    x = _tensors(gt, segs, pred, {1: 3, 2: 0, 3: 0})
+    hard = pq_sums_single_image(**x, is_thing=IS_THING, area_thresholds=torch.zeros(K), hard=True)
+    assert (hard.tp[0].item(), hard.fp[0].item(), hard.fn[0].item()) == (1, 1, 1)
+    assert hard.iou_sum[0].item() == 1.0                      # only A's IoU counts
+    u = 4 / 9
+    h = u**4 / (u**4 + (1 - u) ** 4)
+    for t in (-1000.0, 2.0):                                  # sigma ~ 1, and sigma of 4 px at t = 2
+        sig = 1 / (1 + np.exp(-0.1 * (4 - t)))
+        sig_a = 1 / (1 + np.exp(-0.1 * (16 - t)))
+        s = pq_sums_single_image(**x, is_thing=IS_THING, area_thresholds=torch.full((K,), t))
+        assert s.tp[0].item() == pytest.approx(sig_a + h * sig, rel=1e-9)
+        assert s.fp[0].item() == pytest.approx(sig * (1 - h), rel=1e-9)
+        assert s.fn[0].item() == pytest.approx((1 - sig_a) + (1 - h * sig), rel=1e-9)
+        assert s.iou_sum[0].item() == pytest.approx(sig_a * 1.0 + h * sig * u, rel=1e-9)
+
+
 def test_void_pixels_do_not_contribute():
     gt, segs = _hand_case()
     gt[3:6, 2:6] = 0                                          # void band
