@@ -13,5 +13,5 @@ setup(
     packages=find_packages(include=("cmt_cops_d2", "cmt_cops_d2.*")),
     python_requires=">=3.9",
     # torch and detectron2 are installed by tools/install.sh (see README); the rest is pinned there.
-    install_requires=["numpy", "scipy", "numba", "opencv-python-headless", "pycocotools", "fvcore"],
+    install_requires=["numpy", "scipy", "numba", "opencv-python-headless", "pycocotools", "fvcore", "google-crc32c"],
 )

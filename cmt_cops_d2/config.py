@@ -94,6 +94,10 @@ def add_axial_resnet_config(cfg: CN) -> CN:
     c.NORM = "SyncBN"
     # "gelu" (CMT-DeepLab) or "relu" (original MaX-S / Axial-DeepLab).
     c.ACTIVATION = "gelu"
+    # Epsilon of every batch norm (BN, SyncBN, FrozenBN) of the backbone. 1e-5 is PyTorch's default;
+    # DeepLab2's checkpoints were trained with 1e-3: set 0.001 for weights converted by
+    # tools/convert_deeplab2_checkpoint.py.
+    c.BN_EPS = 1e-5
     # 1: res5 at stride 32; 2: res5 at stride 16 (MaX-S output stride 16), dilating its convs.
     c.RES5_DILATION = 1
     # Features returned (any of stem, res2..res5); strides 4, 8, 16, 32.

@@ -25,15 +25,16 @@ Outputs ``res2..res5`` at strides 4, 8, 16, 32 with ``4f`` = 256, 512, 1024, 204
 ``res5_dilation = 2`` keeps res5 at stride 16 (MaX-S's output stride 16): its first block is not
 strided and later bottleneck blocks use dilation 2 (axial blocks are unaffected).
 
-Differences from DeepLab2 (TF) worth knowing: symmetric padding for the strided 3x3 convs (TF uses
-"SAME"), and the drop-path schedule (see ``drop_path_rate``).
+Strided convs pad symmetrically (``k // 2`` on every side), as DeepLab2's ``Conv2DSame`` does (not
+TF's "SAME"); DeepLab2's weights reproduce its outputs (``cmt_cops_d2.checkpoint.deeplab2``). The one
+difference from DeepLab2 worth knowing is the drop-path schedule (see ``drop_path_rate``).
 """
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 from detectron2.config import configurable
-from detectron2.layers import CNNBlockBase, ShapeSpec
+from detectron2.layers import CNNBlockBase, FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 
 from ..layers import AxialAttention2D, DropPath, add_, conv_norm, get_activation
@@ -227,6 +228,8 @@ class AxialResNet(Backbone):
         norm: Detectron2 norm name for every conv and attention (``"BN"``, ``"SyncBN"``, ``"GN"``,
             ``"FrozenBN"``, ``""``).
         activation: ``"gelu"`` or ``"relu"``.
+        bn_eps: epsilon of every batch norm (BN, SyncBN, FrozenBN); 1e-5 is PyTorch's default,
+            DeepLab2's checkpoints use 1e-3 (see :mod:`cmt_cops_d2.checkpoint.deeplab2`).
         res5_dilation: 1 (res5 at stride 32) or 2 (res5 at stride 16).
         out_features: subset of ``stem, res2..res5``; stages after the last requested one are not
             built.
@@ -254,6 +257,7 @@ class AxialResNet(Backbone):
         drop_path_schedule: str = "linear",
         norm="SyncBN",
         activation: str = "gelu",
+        bn_eps: float = 1e-5,
         res5_dilation: int = 1,
         out_features: Sequence[str] = STAGE_NAMES,
         zero_init_residual: bool = True,
@@ -341,6 +345,9 @@ class AxialResNet(Backbone):
             self._out_feature_strides[name] = stride
             self._out_feature_channels[name] = out_channels
         self._size_divisibility = stride
+        for m in self.modules():  # before freeze(): FrozenBatchNorm2d copies the eps it converts
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
+                m.eps = bn_eps
         self.freeze(freeze_at)
 
     @classmethod
@@ -362,6 +369,7 @@ class AxialResNet(Backbone):
             "drop_path_schedule": c.DROP_PATH_SCHEDULE,
             "norm": c.NORM,
             "activation": c.ACTIVATION,
+            "bn_eps": c.BN_EPS,
             "res5_dilation": c.RES5_DILATION,
             "out_features": tuple(c.OUT_FEATURES),
             "zero_init_residual": c.ZERO_INIT_RESIDUAL,
