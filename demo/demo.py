@@ -25,7 +25,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import cmt_cops_d2  # noqa: E402,F401
-from cmt_cops_d2.engine import setup_cfg  # noqa: E402
+from cmt_cops_d2.checkpoint.download import cached_download, is_url  # noqa: E402
+from cmt_cops_d2.engine import setup_cfg, weights_error_context  # noqa: E402
 
 
 def expand_inputs(patterns):
@@ -58,6 +59,12 @@ def main(argv=None):
     if not cfg.MODEL.WEIGHTS:
         print("warning: MODEL.WEIGHTS is empty, drawing the output of an untrained model",
               file=sys.stderr)
+    if is_url(cfg.MODEL.WEIGHTS):  # downloaded through the checked cache, then loaded from there
+        with weights_error_context(cfg.MODEL.WEIGHTS):
+            local = cached_download(cfg.MODEL.WEIGHTS)
+        cfg.defrost()
+        cfg.MODEL.WEIGHTS = local
+        cfg.freeze()
     predictor = DefaultPredictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)

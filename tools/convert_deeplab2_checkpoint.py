@@ -5,7 +5,8 @@ Axial-ResNet backbone. TensorFlow is not needed.
     python tools/convert_deeplab2_checkpoint.py maxs_gelu_imagenet_22k_1k_224.tar.gz maxs_gelu.pth \\
         --activation gelu [--config-file configs/coco/cmt_r50.yaml] [KEY VALUE ...]
 
-INPUT is a published ``.tar.gz``, a folder holding one checkpoint, a checkpoint prefix
+INPUT is a published ``.tar.gz`` (a path or an ``http(s)://`` URL, downloaded once into a checked
+cache: ``cmt_cops_d2.checkpoint.download``), a folder holding one checkpoint, a checkpoint prefix
 (``.../ckpt-123``) or its ``.index`` file. DeepLab2's ImageNet backbones for this model are
 "Axial-ResNet-50 (MaX-S w/ GeLU)", ImageNet-22K+1K (``--activation gelu``), and
 "MaX-DeepLab-S-Backbone (MaX-S w/ ReLU)", ImageNet-1K (``--activation relu``).
@@ -43,7 +44,8 @@ from cmt_cops_d2.checkpoint.deeplab2 import (  # noqa: E402
     encoder_root,
     skipped_deeplab2_variables,
 )
-from cmt_cops_d2.checkpoint.tf_checkpoint import read_tf_checkpoint  # noqa: E402
+from cmt_cops_d2.checkpoint.download import cached_download, is_url  # noqa: E402
+from cmt_cops_d2.checkpoint.tf_checkpoint import TFCheckpointError, read_tf_checkpoint  # noqa: E402
 
 AUTHOR = "DeepLab2 (google-research/deeplab2), converted by cmt_cops_d2"
 PIXEL_CONFIG = {"MODEL.PIXEL_MEAN": [127.5, 127.5, 127.5], "MODEL.PIXEL_STD": [127.5, 127.5, 127.5],
@@ -107,10 +109,22 @@ def target_backbone_state(args, inferred):
     return model.state_dict(), used
 
 
+def read_checkpoint(source: str, verify_crc: bool):
+    """The TF variables of ``source``, a path or a URL (downloaded through the checked cache; a
+    download or read failure names the URL)."""
+    if not is_url(source):
+        return read_tf_checkpoint(source, verify_crc=verify_crc)
+    local = cached_download(source)
+    try:
+        return read_tf_checkpoint(local, verify_crc=verify_crc)
+    except TFCheckpointError as e:
+        raise TFCheckpointError(f"{source} (downloaded to {local}): {e}") from e
+
+
 def main(argv=None):
     args = parse_args(argv)
     prefixes = args.prefix or ["backbone."]
-    tf_vars = read_tf_checkpoint(args.input, verify_crc=not args.no_verify_crc)
+    tf_vars = read_checkpoint(args.input, verify_crc=not args.no_verify_crc)
     skipped = skipped_deeplab2_variables(tf_vars, args.skip)
     kept = {k: v for k, v in tf_vars.items() if k not in skipped}
     root = encoder_root(kept)

@@ -34,7 +34,7 @@ from cmt_cops_d2.engine import (  # noqa: E402
     default_setup_plugin,
     launch,
     setup_cfg,
-    weights_error_context,
+    load_weights,
 )
 
 
@@ -43,10 +43,7 @@ def main(args):
     default_setup_plugin(cfg, args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        with weights_error_context(cfg.MODEL.WEIGHTS):
-            DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-                cfg.MODEL.WEIGHTS, resume=args.resume
-            )
+        load_weights(DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR), cfg.MODEL.WEIGHTS, args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -5,9 +5,11 @@ from .trainer import (
     check_cfg,
     create_ddp_model,
     default_setup_plugin,
+    load_weights,
     setup_cfg,
     weights_error_context,
 )
 
 __all__ = ["launch", "build_optimizer", "optimizer_param_groups", "Trainer", "check_cfg",
-           "create_ddp_model", "default_setup_plugin", "setup_cfg", "weights_error_context"]
+           "create_ddp_model", "default_setup_plugin", "setup_cfg", "weights_error_context",
+           "load_weights"]

@@ -26,12 +26,13 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpoint.download import local_weights
 from ..config import add_cmt_cops_d2_config
 from ..data.mappers import build_train_mapper
 from .optimizer import build_optimizer
 
 __all__ = ["Trainer", "setup_cfg", "create_ddp_model", "check_cfg", "default_setup_plugin",
-           "weights_error_context"]
+           "weights_error_context", "load_weights"]
 
 PANOPTIC_EVALUATOR_TYPES = ("coco_panoptic_seg", "cityscapes_panoptic_seg")
 
@@ -65,6 +66,15 @@ def weights_error_context(weights: str):
         yield
     except Exception as e:
         raise RuntimeError(f"could not load MODEL.WEIGHTS={weights!r}: {type(e).__name__}: {e}") from e
+
+
+def load_weights(checkpointer: DetectionCheckpointer, weights: str, resume: bool) -> None:
+    """``checkpointer.resume_or_load(weights, resume)`` with a URL downloaded through the checked cache
+    first (not when resuming from a checkpoint in the output folder); failures name ``MODEL.WEIGHTS``."""
+    with weights_error_context(weights):
+        if not (resume and checkpointer.has_checkpoint()):
+            weights = local_weights(weights)
+        checkpointer.resume_or_load(weights, resume=resume)
 
 
 def check_cfg(cfg: CfgNode) -> None:
@@ -136,10 +146,12 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
-        """``DefaultTrainer.resume_or_load``; a weights file that cannot be read or downloaded raises an
-        error naming ``MODEL.WEIGHTS``."""
-        with weights_error_context(self.cfg.MODEL.WEIGHTS):
-            super().resume_or_load(resume=resume)
+        """``DefaultTrainer.resume_or_load``; a URL in ``MODEL.WEIGHTS`` is downloaded with checks
+        (:func:`cmt_cops_d2.checkpoint.download.cached_download`), and a weights file that cannot be
+        read or downloaded raises an error naming ``MODEL.WEIGHTS``."""
+        load_weights(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = self.iter + 1  # the checkpoint holds the iteration that just finished
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
