@@ -1,6 +1,15 @@
 """Checkpoints from other frameworks: TensorFlow checkpoints read without TensorFlow
 (:mod:`.tf_checkpoint`: standard library, numpy and google-crc32c), and DeepLab2's Axial-ResNet weights
-converted into this project's backbone (:mod:`.deeplab2`; ``tools/convert_deeplab2_checkpoint.py``)."""
+converted into this project's backbone (:mod:`.deeplab2`; ``tools/convert_deeplab2_checkpoint.py``), and the
+COPS authors' ``PanopticAffinity`` checkpoints converted into this project's ``COPS`` (:mod:`.cops`;
+``tools/convert_cops_checkpoint.py``)."""
+from .cops import (
+    COPSCheckpointError,
+    convert_cops_state_dict,
+    cops_checkpoint_config,
+    load_cops_checkpoint,
+    skipped_cops_tensors,
+)
 from .deeplab2 import (
     DEEPLAB2_BN_EPS,
     convert_deeplab2_axial_resnet,
@@ -18,4 +27,9 @@ __all__ = [
     "deeplab2_axial_resnet_config",
     "skipped_deeplab2_variables",
     "DEEPLAB2_BN_EPS",
+    "convert_cops_state_dict",
+    "cops_checkpoint_config",
+    "skipped_cops_tensors",
+    "load_cops_checkpoint",
+    "COPSCheckpointError",
 ]

@@ -125,3 +125,25 @@ def test_converter_reads_a_url_and_names_it_when_the_archive_is_corrupt(server, 
         cli.main([f"{url}/broken.tar.gz", str(tmp_path / "x.pth")])
     with pytest.raises(DownloadError, match=rf"{url}/none\.tar\.gz: HTTP 404"):
         cli.main([f"{url}/none.tar.gz", str(tmp_path / "y.pth")])
+
+
+def test_cops_converter_reads_a_url_and_names_it_when_the_file_is_not_a_checkpoint(server, tmp_path, capsys):
+    import json
+
+    handler, url = server
+    spec = importlib.util.spec_from_file_location(
+        "convert_cops_checkpoint", os.path.join(ROOT, "tools", "convert_cops_checkpoint.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    data = os.path.join(ROOT, "tests", "data", "cops")
+    meta = json.load(open(os.path.join(data, "cityscapes_tiny.json")))
+    handler.files["/cops.pth"] = open(os.path.join(data, meta["files"]["model"]), "rb").read()
+    handler.files["/page.pth"] = b"<html>not found</html>"
+    args = ["--config-file", os.path.join(ROOT, meta["project_config_file"]),
+            "MODEL.COPS.EDGE_DISTANCES", "[1, 4, 16]", "INPUT.CROP.SIZE", "(48, 80)"]
+    result = cli.main([f"{url}/cops.pth", str(tmp_path / "w.pth")] + args)
+    assert "affinity_head.predictors.2.predictor.weight" in result["model"]
+    with pytest.raises(SystemExit, match=rf"{url}/page\.pth \(downloaded to .*\): .*not a PyTorch checkpoint"):
+        cli.main([f"{url}/page.pth", str(tmp_path / "x.pth")] + args)
+    with pytest.raises(DownloadError, match=rf"{url}/gone\.pth: HTTP 404"):
+        cli.main([f"{url}/gone.pth", str(tmp_path / "y.pth")] + args)

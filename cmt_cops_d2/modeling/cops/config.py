@@ -56,8 +56,9 @@ def add_cops_config(cfg: CN) -> CN:
     a.ASPP_DROPOUT = 0.1
     a.CONVS_DIM = 256
     a.NORM = "SyncBN"
-    # Channels of the two 3x3 convs after cat(decoder features, detached semantic logits) (public: 256).
-    # The per-distance predictors narrow to 1/4 and 1/8 of their input.
+    # Channels of the affinity features F: the second of the two 3x3 convs after cat(decoder features,
+    # detached semantic logits); the first keeps CONVS_DIM (public code; both 256 there). The
+    # per-distance predictors narrow to 1/4 and 1/8 of their input.
     a.HEAD_CHANNELS = 256
     # Which vertical and horizontal edge of distance d > 1 a predictor's last 1x1 conv mixes at one slot:
     # "center" (the two edges centred at the same pixel, a "+"; public code; needs even distances) or
@@ -101,6 +102,10 @@ def add_cops_config(cfg: CN) -> CN:
     # Edge costs |w_d| (-a) + b_d with one (w_d, b_d) per edge distance (public code), or one pair shared
     # by all distances (False; the paper does not say).
     c.PER_DISTANCE_EDGE_AFFINE = True
+    # Node costs w_s * (-s) + b_s with the scale's sign (True; the public code) or |w_s| * (-s) + b_s
+    # (False, our choice: a step of w_s through 0 cannot turn the node costs around; see meta_arch.py
+    # "Cost scale"). The two agree while w_s > 0; a public checkpoint with a negative scale needs True.
+    c.SIGNED_NODE_COST_SCALE = False
     # Dropout of the AMWC costs in full-stage training (public code DROPOUT 0.1; paper silent): every
     # pixel's node costs (all classes) and every edge cost are zeroed with this probability, without
     # rescaling. 0 disables it. Never applied at inference.

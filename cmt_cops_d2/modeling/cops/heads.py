@@ -12,8 +12,8 @@ Affinity branch (:class:`COPSAffinityHead`)
 * Its own DeepLabV3+ decoder (Detectron2's ``DeepLabV3PlusHead`` in decoder-only mode) on the backbone
   features, giving ``C_dec`` channels at stride 4.
 * ``cat(decoder features, semantic logits.detach())`` (stop-gradient: the affinity branch must not
-  influence the semantic branch), then two 3x3 conv + norm + ReLU to ``C`` channels: the affinity
-  features ``F`` (``B x C x h x w``).
+  influence the semantic branch), then two 3x3 conv + norm + ReLU, to ``C_dec`` and then ``C``
+  channels (public code): the affinity features ``F`` (``B x C x h x w``).
 * One predictor per distance ``d``: 3x3 conv to ``in/4`` and 3x3 conv to ``in/8`` (norm + ReLU;
   grouped by direction, 2 groups, for ``d > 1``), then a 1x1 conv to 2 logits (channel 0 vertical,
   1 horizontal), not grouped, so it mixes a vertical and a horizontal edge. Its input:
@@ -36,7 +36,8 @@ Affinity branch (:class:`COPSAffinityHead`)
 
 Costs (:class:`COPSCosts`)
 --------------------------
-``node = |w_s| * (-semantic logit) + b_s`` (``B x K x h x w``, lower = preferred) and
+``node = |w_s| * (-semantic logit) + b_s`` (``B x K x h x w``, lower = preferred; ``w_s`` with its sign,
+as the public code, under ``MODEL.COPS.SIGNED_NODE_COST_SCALE``) and
 ``edge = |w_d| * (-affinity logit) + b_d`` (``B x D x 2 x h x w``, paid when the edge is cut, positive =
 attractive), with one ``w_d, b_d`` per distance (``MODEL.COPS.PER_DISTANCE_EDGE_AFFINE``, public code). ``w_s, w_d`` start at 1 and ``b_s, b_d`` at 0 (public code). They receive gradients only
 through the AMWC layer (full training stage); in pretraining they are frozen by the meta-architecture.
@@ -192,7 +193,8 @@ class COPSAffinityHead(DeepLabV3PlusHead):
         Args:
             input_shape, decoder_channels, norm, kwargs: of ``DeepLabV3PlusHead`` (decoder-only).
             num_classes_semantic: K, channels of the semantic logits concatenated to the decoder output.
-            head_channels: C, channels of the affinity features.
+            head_channels: C, channels of the affinity features (the second conv after the concat; the
+                first keeps the decoder's ``decoder_channels[0]``, as the public code).
             edge_distances: the distances d (one predictor each).
             edge_alignment: which two edges a predictor's last 1x1 conv sees at one slot: "center" (the
                 vertical and horizontal edge with the same centre, public code; even d > 1) or "anchor"
@@ -209,8 +211,10 @@ class COPSAffinityHead(DeepLabV3PlusHead):
                              "odd length has no centre pixel; use even distances (besides 1) or "
                              "MODEL.COPS.AFFINITY_HEAD.EDGE_ALIGNMENT anchor")
         self.edge_alignment = edge_alignment
-        cin = decoder_channels[0] + int(num_classes_semantic)
-        self.head = nn.Sequential(_conv(cin, head_channels, 3, norm), _conv(head_channels, head_channels, 3, norm))
+        # As the public code: the first conv keeps the decoder's width (CONVS_DIM), the second gives C.
+        c_dec = decoder_channels[0]
+        self.head = nn.Sequential(_conv(c_dec + int(num_classes_semantic), c_dec, 3, norm),
+                                  _conv(c_dec, head_channels, 3, norm))
         self.predictors = nn.ModuleList(
             [_DistancePredictor(head_channels if d == 1 else 2 * head_channels, norm, 1 if d == 1 else 2)
              for d in self.edge_distances])
@@ -266,8 +270,15 @@ class COPSCosts(nn.Module):
     for the edge costs, one pair per edge distance (``num_distances``, public code) or one shared
     (``num_distances=0``)."""
 
-    def __init__(self, num_distances: int = 0):
+    def __init__(self, num_distances: int = 0, signed_node_scale: bool = False):
+        """
+        Args:
+            num_distances: one edge affine per distance (> 0), or one shared (0).
+            signed_node_scale: node costs ``w_s * (-s) + b_s`` with the scale's sign, as the public code
+                (``MODEL.COPS.SIGNED_NODE_COST_SCALE``); default ``|w_s| * (-s) + b_s``.
+        """
         super().__init__()
+        self.signed_node_scale = bool(signed_node_scale)
         shape = (int(num_distances),) if num_distances else ()
         self.w_s = nn.Parameter(torch.ones(()))
         self.b_s = nn.Parameter(torch.zeros(()))
@@ -276,7 +287,8 @@ class COPSCosts(nn.Module):
 
     def node_costs(self, sem_logits: torch.Tensor) -> torch.Tensor:
         """``B x K x h x w`` class costs (lower = preferred)."""
-        return self.w_s.abs() * (-sem_logits) + self.b_s
+        scale = self.w_s if self.signed_node_scale else self.w_s.abs()
+        return scale * (-sem_logits) + self.b_s
 
     def edge_costs(self, aff_logits: torch.Tensor) -> torch.Tensor:
         """``B x D x 2 x h x w`` edge costs (paid when cut; positive = attractive)."""

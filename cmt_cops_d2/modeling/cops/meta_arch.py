@@ -47,8 +47,10 @@ the energy: descent shrinks ``|w_s|`` (and ``|w_d|``), which widens the interpol
 through their absolute value, so a step through 0 cannot turn the node costs around (with a signed
 ``w_s``, as in the public code, the costs then prefer the least likely class: on the synthetic tiny run
 ``w_s`` went 1 -> 0.68 in 1000 iterations at ``SOLVER.BASE_LR`` 1e-3, but below 0 after about 200 at
-5e-3, and PQ fell to 0). A warning is logged when ``|w_s|`` falls below 0.01: the node costs have
-then almost vanished; lower the learning rate of ``costs.w_s``.
+5e-3, and PQ fell to 0). ``MODEL.COPS.SIGNED_NODE_COST_SCALE True`` uses ``w_s`` with its sign, as the
+public code (needed only for a public checkpoint whose stored scale is negative). A warning is logged
+when ``|w_s|`` falls below 0.01: the node costs have then almost vanished; lower the learning rate of
+``costs.w_s``.
 
 **All-void images** (``panoptic_weights`` all 0: nothing to match, every gradient would be masked) are
 skipped: not solved, no contribution to the loss. If every image of the batch is void, ``loss_pq`` is
@@ -126,6 +128,7 @@ class COPS(nn.Module):
                  solver_threads: int, stage: str, amwc_settings: Optional[AMWCSettings],
                  pq_loss_weight: float, thing_area: float, stuff_area: float, inference_area_gate: bool,
                  predict_instances: bool, per_distance_edge_affine: bool, cost_dropout: float,
+                 signed_node_cost_scale: bool,
                  full_trainable: Sequence[str], full_lr_multipliers: Sequence[float]):
         """
         Every setting comes from ``MODEL.COPS`` (:meth:`from_config`); the defaults live in
@@ -139,6 +142,7 @@ class COPS(nn.Module):
             inference_area_gate: void smaller segments at inference too (``postprocess.void_small_segments``).
             predict_instances: add the ``instances`` output (thing segments with the public mask score).
             per_distance_edge_affine: one edge-cost scale and offset per distance (else one shared).
+            signed_node_cost_scale: node costs with ``w_s`` (public code) instead of ``|w_s|``.
             cost_dropout: probability of zeroing a pixel's node costs / an edge cost (full stage).
             full_trainable: parameter-name patterns trained in the full stage.
             full_lr_multipliers: learning-rate factor of each pattern (same length).
@@ -147,7 +151,7 @@ class COPS(nn.Module):
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.affinity_head = affinity_head
-        self.costs = COPSCosts(len(edge_distances) if per_distance_edge_affine else 0)
+        self.costs = COPSCosts(len(edge_distances) if per_distance_edge_affine else 0, signed_node_cost_scale)
         if stage not in STAGES:
             raise ValueError(f"MODEL.COPS.STAGE must be one of {STAGES}, got {stage!r}")
         self.stage = stage
@@ -262,6 +266,7 @@ class COPS(nn.Module):
             "inference_area_gate": c.INFERENCE_AREA_GATE,
             "predict_instances": c.PREDICT_INSTANCES,
             "per_distance_edge_affine": c.PER_DISTANCE_EDGE_AFFINE,
+            "signed_node_cost_scale": c.SIGNED_NODE_COST_SCALE,
             "cost_dropout": c.COST_DROPOUT,
             "full_trainable": list(c.FULL_TRAINABLE),
             "full_lr_multipliers": list(c.FULL_LR_MULTIPLIERS),
