@@ -64,6 +64,10 @@ def add_cops_config(cfg: CN) -> CN:
     # "center" (the two edges centred at the same pixel, a "+"; public code; needs even distances) or
     # "anchor" (the two edges starting at the same pixel, an "L").
     a.EDGE_ALIGNMENT = "center"
+    # Init of each predictor's last 1x1 conv: "xavier" (Detectron2's c2_xavier_fill, public code) or
+    # "normal" (N(0, 0.001) weights, zero bias, as Detectron2's Panoptic-DeepLab predictors; the tiny
+    # synthetic configs use it: see their header).
+    a.PREDICTOR_INIT = "xavier"
     # Thing clusters with fewer grid pixels become void at inference (public code: 12 // 4 = 3).
     c.MIN_THING_CLUSTER_SIZE = 3
     # Threads of the AMWC solver at inference (one problem per image); 0 = os.cpu_count().

@@ -59,6 +59,7 @@ __all__ = ["COPS_AFFINITY_HEAD_REGISTRY", "build_affinity_head", "COPSSemSegHead
            "edge_valid_mask", "EDGE_ALIGNMENTS"]
 
 EDGE_ALIGNMENTS = ("center", "anchor")
+PREDICTOR_INITS = ("xavier", "normal")
 
 COPS_AFFINITY_HEAD_REGISTRY = Registry("COPS_AFFINITY_HEAD")
 COPS_AFFINITY_HEAD_REGISTRY.__doc__ = """
@@ -147,13 +148,17 @@ def _conv(cin, cout, k, norm, groups=1):
 class _DistancePredictor(nn.Module):
     """Edge features of one distance -> 2 logits (vertical, horizontal)."""
 
-    def __init__(self, in_channels: int, norm: str, groups: int):
+    def __init__(self, in_channels: int, norm: str, groups: int, predictor_init: str):
         super().__init__()
         c1, c2 = max(in_channels // 4, groups), max(in_channels // 8, groups)
         c1, c2 = c1 - c1 % groups, c2 - c2 % groups
         self.convs = nn.Sequential(_conv(in_channels, c1, 3, norm, groups), _conv(c1, c2, 3, norm, groups))
-        self.predictor = Conv2d(c2, 2, kernel_size=1)  # not grouped, Xavier-filled (as the public code)
-        weight_init.c2_xavier_fill(self.predictor)
+        self.predictor = Conv2d(c2, 2, kernel_size=1)  # not grouped
+        if predictor_init == "xavier":  # public code
+            weight_init.c2_xavier_fill(self.predictor)
+        else:  # "normal": Panoptic-DeepLab's predictors in Detectron2
+            nn.init.normal_(self.predictor.weight, 0, 0.001)
+            nn.init.constant_(self.predictor.bias, 0)
 
     def forward(self, x):
         return self.predictor(self.convs(x))
@@ -188,7 +193,7 @@ class COPSAffinityHead(DeepLabV3PlusHead):
     @configurable
     def __init__(self, input_shape: Dict[str, ShapeSpec], *, decoder_channels: List[int], norm: str,
                  num_classes_semantic: int, head_channels: int, edge_distances: Sequence[int],
-                 edge_alignment: str, **kwargs):
+                 edge_alignment: str, predictor_init: str, **kwargs):
         """
         Args:
             input_shape, decoder_channels, norm, kwargs: of ``DeepLabV3PlusHead`` (decoder-only).
@@ -199,6 +204,8 @@ class COPSAffinityHead(DeepLabV3PlusHead):
             edge_alignment: which two edges a predictor's last 1x1 conv sees at one slot: "center" (the
                 vertical and horizontal edge with the same centre, public code; even d > 1) or "anchor"
                 (the two edges starting at the same pixel).
+            predictor_init: init of each predictor's last 1x1 conv: "xavier" (public code) or "normal"
+                (N(0, 0.001) weights, zero bias).
         """
         super().__init__(input_shape, decoder_channels=decoder_channels, norm=norm, num_classes=None, **kwargs)
         assert self.decoder_only
@@ -211,13 +218,15 @@ class COPSAffinityHead(DeepLabV3PlusHead):
                              "odd length has no centre pixel; use even distances (besides 1) or "
                              "MODEL.COPS.AFFINITY_HEAD.EDGE_ALIGNMENT anchor")
         self.edge_alignment = edge_alignment
+        if predictor_init not in PREDICTOR_INITS:
+            raise ValueError(f"MODEL.COPS.AFFINITY_HEAD.PREDICTOR_INIT={predictor_init!r}: use one of {PREDICTOR_INITS}")
         # As the public code: the first conv keeps the decoder's width (CONVS_DIM), the second gives C.
         c_dec = decoder_channels[0]
         self.head = nn.Sequential(_conv(c_dec + int(num_classes_semantic), c_dec, 3, norm),
                                   _conv(c_dec, head_channels, 3, norm))
         self.predictors = nn.ModuleList(
-            [_DistancePredictor(head_channels if d == 1 else 2 * head_channels, norm, 1 if d == 1 else 2)
-             for d in self.edge_distances])
+            [_DistancePredictor(head_channels if d == 1 else 2 * head_channels, norm, 1 if d == 1 else 2,
+                                predictor_init) for d in self.edge_distances])
 
     @classmethod
     def from_config(cls, cfg, input_shape):
@@ -239,6 +248,7 @@ class COPSAffinityHead(DeepLabV3PlusHead):
             head_channels=h.HEAD_CHANNELS,
             edge_distances=cfg.MODEL.COPS.EDGE_DISTANCES,
             edge_alignment=h.EDGE_ALIGNMENT,
+            predictor_init=h.PREDICTOR_INIT,
         )
 
     def affinity_features(self, features: Dict[str, torch.Tensor], sem_logits: torch.Tensor) -> torch.Tensor:

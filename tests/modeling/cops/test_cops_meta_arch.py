@@ -139,7 +139,7 @@ def test_center_alignment_is_the_public_plus_moved_to_anchor_slots(model, batch)
     with torch.no_grad():
         anchor = model.affinity_head.predictors[1](edge_features(feat, 2))
     mask = torch.from_numpy(grid_edge_valid_mask(h, w, [2]))[0]
-    assert (anchor * mask - aff[:, 1]).abs().max() > 1e-3
+    assert (anchor * mask - aff[:, 1]).abs().max() > 0.1 * aff[:, 1].abs().max()
 
 
 def test_center_alignment_needs_even_distances(tiny_synthetic):

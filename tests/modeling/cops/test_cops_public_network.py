@@ -81,3 +81,23 @@ def test_the_affinity_branch_is_built_by_name():
         COPS_AFFINITY_HEAD_REGISTRY._obj_map.pop("WiderAffinityHead")
     with pytest.raises(KeyError, match="NoSuchHead"):
         meta_model("coco", "MODEL.COPS.AFFINITY_HEAD.NAME", "NoSuchHead")
+
+
+def test_predictor_init_is_xavier_as_public_or_normal():
+    """The last 1x1 conv of every edge predictor: Detectron2's c2_xavier_fill by default (public code:
+    uniform in +-sqrt(3 / fan_in), zero bias), N(0, 0.001) with PREDICTOR_INIT normal."""
+    def build(*opts):
+        cfg = setup_cfg(argparse.Namespace(config_file=os.path.join(CONFIG_DIR, "cityscapes", "cops_r50_full.yaml"),
+                                           opts=["MODEL.DEVICE", "cpu", *opts]))
+        torch.manual_seed(0)
+        return COPS(cfg).affinity_head.predictors
+
+    for p in build():
+        w, fan_in = p.predictor.weight, p.predictor.weight.shape[1]
+        bound = (3 / fan_in) ** 0.5
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound and w.std() > 0.4 * bound
+        assert not p.predictor.bias.any()
+    for p in build("MODEL.COPS.AFFINITY_HEAD.PREDICTOR_INIT", "normal"):
+        assert 0.0007 < p.predictor.weight.std() < 0.0013 and not p.predictor.bias.any()
+    with pytest.raises(ValueError, match="MODEL.COPS.AFFINITY_HEAD.PREDICTOR_INIT='kaiming'"):
+        build("MODEL.COPS.AFFINITY_HEAD.PREDICTOR_INIT", "kaiming")
