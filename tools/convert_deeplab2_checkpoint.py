@@ -23,8 +23,9 @@ normalisation is DeepLab2's ``rgb / 127.5 - 1``.
 Every encoder variable must land on exactly one backbone tensor of the same shape. The target is the
 backbone that ``--config-file`` (plus ``KEY VALUE`` overrides) builds, or, without a config, the
 architecture read from the checkpoint. Optimizer state, step and save counters are skipped and
-reported. ``--skip REGEX`` leaves out more on purpose, e.g. ``--skip '/_stage5/'`` for
-``configs/coco/max_deeplab_s.yaml``, whose backbone stops at res4.
+reported. ``--skip REGEX`` leaves out more on purpose. With a MaX-S config
+(``configs/coco/max_deeplab_s.yaml``: the backbone stops at res4 and stage 5 is built by the
+decoder), stage 5's blocks are placed in the decoder's dual-path blocks.
 """
 import argparse
 import os
@@ -42,6 +43,7 @@ from cmt_cops_d2.checkpoint.deeplab2 import (  # noqa: E402
     convert_deeplab2_axial_resnet,
     deeplab2_axial_resnet_config,
     encoder_root,
+    move_res5_into_maxs_decoder,
     skipped_deeplab2_variables,
 )
 from cmt_cops_d2.checkpoint.download import cached_download, is_url  # noqa: E402
@@ -92,9 +94,21 @@ def target_backbone_state(args, inferred):
         if cfg.MODEL.BACKBONE.NAME != "build_axial_resnet_backbone":
             sys.exit(f"{args.config_file}: MODEL.BACKBONE.NAME is {cfg.MODEL.BACKBONE.NAME!r}, not "
                      "'build_axial_resnet_backbone'; these weights are for the Axial-ResNet")
+        maxs = (cfg.MODEL.META_ARCHITECTURE == "CMTDeepLab"
+                and cfg.MODEL.CMT.TRANSFORMER_DECODER_NAME == "MaXSTransformerDecoder")
+        if maxs:  # stage 5 lives in the decoder: convert the backbone's res5 (stride 16), then move it
+            from detectron2.modeling import META_ARCH_REGISTRY
+
+            with torch.device("meta"):
+                full_state = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg).state_dict()
+            cfg = cfg.clone()
+            cfg.MODEL.AXIAL_RESNET.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+            cfg.MODEL.AXIAL_RESNET.RES5_DILATION = 2
         with torch.device("meta"):
             model = AxialResNet(cfg, ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN)))
         used = {k: cfg.MODEL.AXIAL_RESNET[k] for k in list(inferred) + ["ACTIVATION"]}
+        if maxs:
+            used["maxs_model_state"] = full_state
     else:
         with torch.device("meta"):
             model = AxialResNet(
@@ -134,9 +148,18 @@ def main(argv=None):
         print(f"  skipped {count:4d}: {reason}")
 
     state, used = target_backbone_state(args, inferred)
+    maxs_state = used.pop("maxs_model_state", None)
     model = {}
     for prefix in prefixes:
         model.update(convert_deeplab2_axial_resnet(kept, model_state=state, prefix=prefix))
+    if maxs_state is not None:
+        model = move_res5_into_maxs_decoder(model, prefixes[0])
+        wrong = [k for k, v in model.items() if k not in maxs_state or tuple(maxs_state[k].shape) != tuple(v.shape)]
+        if wrong:
+            raise ValueError(f"{len(wrong)} converted tensors do not fit the MaX-S model of {args.config_file}: "
+                             + ", ".join(wrong[:10]))
+        print("MaX-S layout (MaXSTransformerDecoder): the backbone's res5 blocks go to the axial halves of "
+              "sem_seg_head.transformer_decoder.stage5")
     print(f"Converted {len(kept)} variables into {len(model)} tensors "
           f"({sum(t.numel() for t in model.values()):,} values) under {', '.join(prefixes)}")
 

@@ -14,6 +14,7 @@ from .deeplab2 import (
     DEEPLAB2_BN_EPS,
     convert_deeplab2_axial_resnet,
     deeplab2_axial_resnet_config,
+    move_res5_into_maxs_decoder,
     skipped_deeplab2_variables,
 )
 from .tf_checkpoint import TensorInfo, TFCheckpointError, list_tf_checkpoint, read_tf_checkpoint
@@ -25,6 +26,7 @@ __all__ = [
     "TensorInfo",
     "convert_deeplab2_axial_resnet",
     "deeplab2_axial_resnet_config",
+    "move_res5_into_maxs_decoder",
     "skipped_deeplab2_variables",
     "DEEPLAB2_BN_EPS",
     "convert_cops_state_dict",

@@ -60,6 +60,7 @@ import torch
 
 __all__ = [
     "convert_deeplab2_axial_resnet",
+    "move_res5_into_maxs_decoder",
     "deeplab2_axial_resnet_config",
     "skipped_deeplab2_variables",
     "encoder_root",
@@ -348,3 +349,24 @@ def deeplab2_axial_resnet_config(tf_vars: Mapping[str, Any]) -> Dict[str, Any]:
             "MAX_SPAN": (rows + 1) // 2,
         })
     return config
+
+
+MAXS_STAGE5_PREFIX = "sem_seg_head.transformer_decoder.stage5.{}.axial."
+
+
+def move_res5_into_maxs_decoder(state: Mapping[str, torch.Tensor], prefix: str = "backbone.") -> Dict[str, torch.Tensor]:
+    """Move converted ``res5`` blocks to where MaX-DeepLab-S's layout keeps them.
+
+    With ``MODEL.CMT.TRANSFORMER_DECODER_NAME MaXSTransformerDecoder`` (``configs/coco/max_deeplab_s.yaml``)
+    the backbone stops at ``res4`` and stage 5's axial blocks are the axial halves of the decoder's
+    dual-path blocks: ``{prefix}res5.{i}.<rest>`` -> ``sem_seg_head.transformer_decoder.stage5.{i}.axial.<rest>``
+    (as DeepLab2 initialises MaX-S's stage 5 from the ImageNet backbone's). Other keys are unchanged.
+    """
+    out: Dict[str, torch.Tensor] = OrderedDict()
+    head = prefix + "res5."
+    for key, value in state.items():
+        if key.startswith(head):
+            block, rest = key[len(head):].split(".", 1)
+            key = MAXS_STAGE5_PREFIX.format(int(block)) + rest
+        out[key] = value
+    return out

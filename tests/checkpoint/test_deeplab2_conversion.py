@@ -259,3 +259,51 @@ def test_cli_checks_the_weights_against_a_config(tmp_path, capsys):
     assert "MODEL.AXIAL_RESNET.BN_EPS 0.001  (your config: 1e-05)" in printed
     keys = torch.load(output, weights_only=True)["model"]
     assert len(keys) == 2 * 491 and "sem_seg_head.backbone2.res5.2.conv3.weight" in keys
+
+
+def test_cli_places_stage5_in_the_maxs_decoder(tmp_path, capsys):
+    """With a MaX-S config (backbone to res4, stage 5 in MaXSTransformerDecoder) the checkpoint's stage 5
+    goes to the axial halves of the decoder's dual-path blocks, with DeepLab2's batch-norm epsilon: the
+    converted model's stage 5 (its transformer layers' output norms start at zero) reproduces DeepLab2's
+    res5 at output stride 16 from DeepLab2's res4."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    from cmt_cops_d2.config import add_cmt_cops_d2_config
+
+    spec = importlib.util.spec_from_file_location(
+        "convert_deeplab2_checkpoint", os.path.join(ROOT, "tools", "convert_deeplab2_checkpoint.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    _, meta, io = _fixture("maxs_gelu")
+    opts = ["MODEL.CMT.TRANSFORMER_DECODER_NAME", "MaXSTransformerDecoder", "MODEL.CMT.STAGE_BLOCKS", "[3, 1]",
+            "MODEL.AXIAL_RESNET.OUT_FEATURES", "['res2', 'res3', 'res4']", "MODEL.CMT.NUM_HEADS", "8",
+            "MODEL.CMT.ACTIVATION", "gelu", "MODEL.AXIAL_RESNET.NORM", "BN", "MODEL.CMT.NORM", "BN"]
+    for key, value in meta["project_config"].items():
+        if key.split(".")[-1] not in ("RES5_DILATION",):
+            opts += [key, str(value)]
+    config = os.path.join(ROOT, "configs", "synthetic", "cmt_tiny.yaml")
+    output = str(tmp_path / "maxs.pth")
+    cli.main([os.path.join(DATA, "maxs_gelu.tar.gz"), output, "--config-file", config] + opts)
+    assert "res5 blocks go to the axial halves" in capsys.readouterr().out
+    weights = torch.load(output, weights_only=True)["model"]
+    assert not any(k.startswith("backbone.res5.") for k in weights)
+
+    cfg = get_cfg()
+    add_cmt_cops_d2_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(opts)
+    torch.manual_seed(0)
+    model = META_ARCH_REGISTRY.get("CMTDeepLab")(cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    assert not unexpected and not any(k.startswith("backbone.") or ".stage5." in k and ".axial." in k
+                                      for k in missing if not k.endswith("num_batches_tracked"))
+    decoder = model.sem_seg_head.transformer_decoder.eval()
+    res4 = torch.from_numpy(io["res4"]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        x = res4
+        for block in decoder.stage5:
+            x = block.axial(x)
+    ref = io["res5_os16"]
+    got = x.permute(0, 2, 3, 1).numpy()
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() / np.abs(ref).max() < RELATIVE_TOLERANCE

@@ -183,7 +183,11 @@ class MaXSTransformerDecoder(nn.Module):
     @configurable
     def __init__(self, *, in_channels: Dict[str, int], num_clusters: int, center_dim: int,
                  stage_blocks, layer_kwargs: Dict, num_heads: int, max_span: int, norm: str,
-                 activation: str, drop_path: float, drop_path_schedule: str = "constant"):
+                 activation: str, drop_path: float, drop_path_schedule: str = "constant",
+                 backbone_bn_eps: float = 1e-5):
+        """``backbone_bn_eps``: epsilon of the batch norms of stage 5's axial blocks, which are the
+        backbone's stage 5 (``MODEL.AXIAL_RESNET.BN_EPS``, so that converted DeepLab2 backbone weights
+        compute what they computed there); the rest of the decoder keeps PyTorch's default."""
         super().__init__()
         if "res5" in in_channels:
             raise ValueError("MaXSTransformerDecoder builds stage 5 itself (with its transformer layers); "
@@ -201,6 +205,10 @@ class MaXSTransformerDecoder(nn.Module):
             DualPathBlock(channels, in_channels=in_channels["res4"] if i == 0 else 0, drop_path=rates[i],
                           first_layer=i == 0, **kw)
             for i in range(stage_blocks[0]))
+        for block in self.stage5:
+            for m in block.axial.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eps = backbone_bn_eps
         self.extra = nn.ModuleList(DualPathBlock(channels, drop_path=rates[stage_blocks[0] + i],
                                                  first_layer=False, **kw)
                                    for i in range(stage_blocks[1]))
@@ -208,7 +216,7 @@ class MaXSTransformerDecoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape):
-        return _decoder_config(cfg, input_shape)
+        return dict(_decoder_config(cfg, input_shape), backbone_bn_eps=cfg.MODEL.AXIAL_RESNET.BN_EPS)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict:
         res4 = features["res4"]
