@@ -26,6 +26,7 @@ from PIL import Image  # noqa: E402
 
 import cmt_cops_d2  # noqa: E402,F401
 from cmt_cops_d2.checkpoint.download import cached_download, is_url  # noqa: E402
+from cmt_cops_d2.checkpoint.zoo import check_weights_file  # noqa: E402
 from cmt_cops_d2.engine import setup_cfg, weights_error_context  # noqa: E402
 
 
@@ -59,6 +60,8 @@ def main(argv=None):
     if not cfg.MODEL.WEIGHTS:
         print("warning: MODEL.WEIGHTS is empty, drawing the output of an untrained model",
               file=sys.stderr)
+    with weights_error_context(cfg.MODEL.WEIGHTS):
+        check_weights_file(cfg.MODEL.WEIGHTS)
     if is_url(cfg.MODEL.WEIGHTS):  # downloaded through the checked cache, then loaded from there
         with weights_error_context(cfg.MODEL.WEIGHTS):
             local = cached_download(cfg.MODEL.WEIGHTS)

@@ -27,6 +27,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint.download import local_weights
+from ..checkpoint.zoo import check_weights_file
 from ..config import add_cmt_cops_d2_config
 from ..data.mappers import build_train_mapper
 from .optimizer import build_optimizer
@@ -70,9 +71,12 @@ def weights_error_context(weights: str):
 
 def load_weights(checkpointer: DetectionCheckpointer, weights: str, resume: bool) -> None:
     """``checkpointer.resume_or_load(weights, resume)`` with a URL downloaded through the checked cache
-    first (not when resuming from a checkpoint in the output folder); failures name ``MODEL.WEIGHTS``."""
+    first (not when resuming from a checkpoint in the output folder); a missing file is an error (with
+    the command that creates it for the public starting points the configs name); failures name
+    ``MODEL.WEIGHTS``."""
     with weights_error_context(weights):
         if not (resume and checkpointer.has_checkpoint()):
+            check_weights_file(weights)
             weights = local_weights(weights)
         checkpointer.resume_or_load(weights, resume=resume)
 
