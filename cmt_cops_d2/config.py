@@ -35,6 +35,17 @@ def add_cmt_cops_d2_config(cfg: CN) -> CN:
     # receive gradients trains faster, and the multi-process test then catches unused ones.
     cfg.MODEL.FIND_UNUSED_PARAMETERS = False
 
+    # How MODEL.WEIGHTS must fit the model (cmt_cops_d2.checkpoint.fit). A load is an error when a
+    # tensor of the model is not in the file, or when less than WEIGHTS_MIN_LOADED of the file's tensors
+    # load (name and shape match). WEIGHTS_PARTIAL True allows model tensors the file lacks: set it for
+    # an ImageNet backbone init (the COPS configs with R-52.pkl do). Files of
+    # tools/convert_deeplab2_checkpoint.py say they are backbone-only and need no key, but must load
+    # completely. Resuming from OUTPUT_DIR/last_checkpoint ignores WEIGHTS_PARTIAL.
+    cfg.MODEL.WEIGHTS_PARTIAL = False
+    # Share (0..1) of the file's tensors that must load; 0.9 leaves room for a fine-tune with another
+    # number of classes (class predictors of another shape are skipped, as in Detectron2).
+    cfg.MODEL.WEIGHTS_MIN_LOADED = 0.9
+
     add_cmt_config(cfg)
     from .modeling.cops.config import add_cops_config  # local import: avoids an import cycle
 

@@ -18,6 +18,7 @@ sys.path.insert(1, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
@@ -25,9 +26,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import cmt_cops_d2  # noqa: E402,F401
-from cmt_cops_d2.checkpoint.download import cached_download, is_url  # noqa: E402
-from cmt_cops_d2.checkpoint.zoo import check_weights_file  # noqa: E402
-from cmt_cops_d2.engine import setup_cfg, weights_error_context  # noqa: E402
+from cmt_cops_d2.checkpoint.fit import FitPolicy  # noqa: E402
+from cmt_cops_d2.engine import load_weights, setup_cfg  # noqa: E402
 
 
 def expand_inputs(patterns):
@@ -49,6 +49,21 @@ def draw_panoptic(image_rgb: np.ndarray, predictions: dict, metadata) -> np.ndar
     return vis.draw_panoptic_seg(pan.to("cpu"), segments_info).get_image()
 
 
+def build_predictor(cfg) -> DefaultPredictor:
+    """Detectron2's ``DefaultPredictor`` whose weights come through ``load_weights``: a URL through the
+    checked cache, and an error naming ``MODEL.WEIGHTS`` for a missing file or one that does not fit
+    the model (``MODEL.WEIGHTS_PARTIAL``, ``MODEL.WEIGHTS_MIN_LOADED``)."""
+    bare = cfg.clone()
+    bare.defrost()
+    bare.MODEL.WEIGHTS = ""  # DefaultPredictor then loads nothing; the checked load follows
+    bare.freeze()
+    predictor = DefaultPredictor(bare)
+    load_weights(DetectionCheckpointer(predictor.model), cfg.MODEL.WEIGHTS, resume=False,
+                 policy=FitPolicy.from_config(cfg))
+    predictor.cfg = cfg.clone()
+    return predictor
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config-file", required=True)
@@ -60,15 +75,7 @@ def main(argv=None):
     if not cfg.MODEL.WEIGHTS:
         print("warning: MODEL.WEIGHTS is empty, drawing the output of an untrained model",
               file=sys.stderr)
-    with weights_error_context(cfg.MODEL.WEIGHTS):
-        check_weights_file(cfg.MODEL.WEIGHTS)
-    if is_url(cfg.MODEL.WEIGHTS):  # downloaded through the checked cache, then loaded from there
-        with weights_error_context(cfg.MODEL.WEIGHTS):
-            local = cached_download(cfg.MODEL.WEIGHTS)
-        cfg.defrost()
-        cfg.MODEL.WEIGHTS = local
-        cfg.freeze()
-    predictor = DefaultPredictor(cfg)
+    predictor = build_predictor(cfg)
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     os.makedirs(args.output, exist_ok=True)
     for path in expand_inputs(args.input):

@@ -16,6 +16,8 @@ Examples::
         --machine-rank 0 --dist-url tcp://HOST0:PORT
 
 ``KEY VALUE`` pairs after the flags override the config (e.g. ``SOLVER.MAX_ITER 100 MODEL.DEVICE cpu``).
+Weights that do not fit the model are an error (``MODEL.WEIGHTS_PARTIAL`` and ``MODEL.WEIGHTS_MIN_LOADED``
+allow partial loads), and so is ``--eval-only`` without weights; any failure exits with a non-zero status.
 """
 import os
 import sys
@@ -29,6 +31,7 @@ from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
 
 import cmt_cops_d2  # noqa: E402,F401  (registers datasets and models)
+from cmt_cops_d2.checkpoint.fit import FitPolicy  # noqa: E402
 from cmt_cops_d2.engine import (  # noqa: E402
     Trainer,
     default_setup_plugin,
@@ -36,14 +39,21 @@ from cmt_cops_d2.engine import (  # noqa: E402
     setup_cfg,
     load_weights,
 )
+from cmt_cops_d2.engine.checks import check_eval_weights, check_training  # noqa: E402
 
 
 def main(args):
     cfg = setup_cfg(args)
+    # errors in the config are raised before anything is built
+    if args.eval_only:
+        check_eval_weights(cfg, args.resume)
+    else:
+        check_training(cfg)
     default_setup_plugin(cfg, args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        load_weights(DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR), cfg.MODEL.WEIGHTS, args.resume)
+        load_weights(DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR), cfg.MODEL.WEIGHTS, args.resume,
+                     FitPolicy.from_config(cfg))
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -10,26 +10,32 @@
   works with or without CUDA.
 """
 import contextlib
+import dataclasses
 import logging
 import os
 import weakref
+from typing import Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_train_loader
+from detectron2.data import (DatasetCatalog, MetadataCatalog, build_detection_test_loader,
+                             build_detection_train_loader)
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, default_setup
-from detectron2.evaluation import (CityscapesInstanceEvaluator, CityscapesSemSegEvaluator, COCOPanopticEvaluator,
-                                    DatasetEvaluators, SemSegEvaluator)
+from detectron2.evaluation import (CityscapesInstanceEvaluator, CityscapesSemSegEvaluator, DatasetEvaluators,
+                                    SemSegEvaluator)
 from detectron2.projects.deeplab import build_lr_scheduler as build_deeplab_lr_scheduler
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoint.download import local_weights
+from ..checkpoint.fit import FitCheckpointer, FitPolicy
 from ..checkpoint.zoo import check_weights_file
 from ..config import add_cmt_cops_d2_config
-from ..data.mappers import build_train_mapper
+from ..data.mappers import InferenceMapper, build_train_mapper
+from ..evaluation import CheckedCOCOPanopticEvaluator, check_model_classes, check_same_classes
+from .checks import check_values
 from .optimizer import build_optimizer
 
 __all__ = ["Trainer", "setup_cfg", "create_ddp_model", "check_cfg", "default_setup_plugin",
@@ -61,28 +67,68 @@ def create_ddp_model(model: torch.nn.Module, **kwargs) -> torch.nn.Module:
 
 
 @contextlib.contextmanager
-def weights_error_context(weights: str):
-    """Re-raise a failure to read or download ``weights`` with the config key and value in the message."""
+def weights_error_context(weights: str, resume_file: Optional[str] = None):
+    """Re-raise a failure to read, download or fit ``weights`` with the config key and value in the
+    message; with ``resume_file`` (the checkpoint ``OUTPUT_DIR/last_checkpoint`` names) name that file
+    and ``last_checkpoint`` instead."""
     try:
         yield
     except Exception as e:
-        raise RuntimeError(f"could not load MODEL.WEIGHTS={weights!r}: {type(e).__name__}: {e}") from e
+        if resume_file is None:
+            raise RuntimeError(f"could not load MODEL.WEIGHTS={weights!r}: {type(e).__name__}: {e}") from e
+        last = os.path.join(os.path.dirname(resume_file), "last_checkpoint")
+        raise RuntimeError(
+            f"could not resume from {resume_file!r} (named in {last}): {type(e).__name__}: {e}\n"
+            f"Write the name of an intact checkpoint of that folder into {last}, or delete {last} (or leave "
+            "out --resume) to start from MODEL.WEIGHTS") from e
 
 
-def load_weights(checkpointer: DetectionCheckpointer, weights: str, resume: bool) -> None:
-    """``checkpointer.resume_or_load(weights, resume)`` with a URL downloaded through the checked cache
-    first (not when resuming from a checkpoint in the output folder); a missing file is an error (with
-    the command that creates it for the public starting points the configs name); failures name
-    ``MODEL.WEIGHTS``."""
+def resume_checkpoint_file(checkpointer: DetectionCheckpointer) -> str:
+    """The checkpoint that ``<save_dir>/last_checkpoint`` names; ``RuntimeError`` naming ``last_checkpoint``
+    when it is empty or names a file that does not exist."""
+    folder = checkpointer.save_dir
+    last = os.path.join(folder, "last_checkpoint")
+    with checkpointer.path_manager.open(last, "r") as f:
+        name = f.read().strip()
+    found = sorted(os.path.basename(p) for p in checkpointer.get_all_checkpoint_files())
+    fix = (f"write the name of a checkpoint of {folder} into it (there: {', '.join(found) or 'none'}), or "
+           f"delete it (or leave out --resume) to start from MODEL.WEIGHTS")
+    if not name:
+        raise RuntimeError(f"cannot resume: {last} is empty; it should hold the file name of the checkpoint to "
+                           f"resume from; {fix}")
+    path = os.path.join(folder, name)
+    if not checkpointer.path_manager.isfile(path):
+        raise RuntimeError(f"cannot resume: {last} names {name!r}, but {path} does not exist; {fix}")
+    return path
+
+
+def load_weights(checkpointer: DetectionCheckpointer, weights: str, resume: bool,
+                 policy: Optional[FitPolicy] = None) -> dict:
+    """``checkpointer.resume_or_load(weights, resume=resume)`` with checks; returns the same.
+
+    * Resuming (``resume`` and ``<save_dir>/last_checkpoint`` exists): the file it names must exist and
+      fit the model completely (``policy.partial`` ignored); failures name that file and
+      ``last_checkpoint``.
+    * Otherwise ``weights``: a URL is downloaded through the checked cache; a missing file is an error
+      (with the command that creates the public starting points the configs name); the file must fit
+      the model under ``policy`` (:mod:`cmt_cops_d2.checkpoint.fit`; default ``FitPolicy()``); failures
+      name ``MODEL.WEIGHTS``.
+    """
+    policy = policy or FitPolicy()
+    if resume and checkpointer.has_checkpoint():
+        path = resume_checkpoint_file(checkpointer)
+        with weights_error_context(weights, resume_file=path):
+            return FitCheckpointer.like(checkpointer, dataclasses.replace(policy, partial=False)).load(path)
     with weights_error_context(weights):
-        if not (resume and checkpointer.has_checkpoint()):
-            check_weights_file(weights)
-            weights = local_weights(weights)
-        checkpointer.resume_or_load(weights, resume=resume)
+        check_weights_file(weights)
+        return FitCheckpointer.like(checkpointer, policy).load(local_weights(weights), checkpointables=[])
 
 
 def check_cfg(cfg: CfgNode) -> None:
-    """Reject configs that would otherwise fail late with an obscure error."""
+    """Reject configs that would otherwise fail late with an obscure error: no CUDA, unknown datasets,
+    ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` unlike the datasets' class count, and training / test datasets
+    whose classes differ from the first training dataset's."""
+    check_values(cfg)  # device, batch size, ... (engine/checks.py)
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(
             f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} but no CUDA device is available; "
@@ -103,6 +149,11 @@ def check_cfg(cfg: CfgNode) -> None:
                 f"MODEL.SEM_SEG_HEAD.NUM_CLASSES={cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES} but dataset "
                 f"{cfg.DATASETS.TRAIN[0]!r} has {num_classes} classes; set it to {num_classes}"
             )
+        # Every training and test dataset must number the classes as the first training dataset does.
+        check_same_classes(cfg.DATASETS.TRAIN[0], cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
+        check_same_classes(cfg.DATASETS.TRAIN[0], cfg.DATASETS.TEST, "DATASETS.TEST")
+    for name in cfg.DATASETS.TEST:
+        check_model_classes(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, name)
 
 
 def setup_cfg(args) -> CfgNode:
@@ -150,19 +201,22 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume=True):
-        """``DefaultTrainer.resume_or_load``; a URL in ``MODEL.WEIGHTS`` is downloaded with checks
-        (:func:`cmt_cops_d2.checkpoint.download.cached_download`), and a weights file that cannot be
-        read or downloaded raises an error naming ``MODEL.WEIGHTS``."""
-        load_weights(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume)
+        """``DefaultTrainer.resume_or_load`` through :func:`load_weights`: checked downloads, and errors
+        naming ``MODEL.WEIGHTS`` (or the checkpoint ``last_checkpoint`` names) for a file that is missing,
+        unreadable or does not fit the model (``MODEL.WEIGHTS_PARTIAL``, ``MODEL.WEIGHTS_MIN_LOADED``)."""
+        load_weights(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume, FitPolicy.from_config(self.cfg))
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = self.iter + 1  # the checkpoint holds the iteration that just finished
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """PQ (``COCOPanopticEvaluator``) on panoptic datasets; with ``TEST.SEMANTIC_EVALUATION`` also
-        mIoU (Cityscapes: ``CityscapesSemSegEvaluator`` on ``gtFine/*_labelIds.png``; COCO:
-        ``SemSegEvaluator`` with semantic PNGs); with ``TEST.INSTANCE_EVALUATION`` also instance AP
-        (Cityscapes: ``CityscapesInstanceEvaluator``), for a model that outputs ``instances``."""
+        """PQ (``COCOPanopticEvaluator``, after checking the ground-truth JSON and PNGs:
+        :class:`~cmt_cops_d2.evaluation.CheckedCOCOPanopticEvaluator`) on panoptic datasets; with
+        ``TEST.SEMANTIC_EVALUATION`` also mIoU (Cityscapes: ``CityscapesSemSegEvaluator`` on
+        ``gtFine/*_labelIds.png``; COCO: ``SemSegEvaluator`` with semantic PNGs); with
+        ``TEST.INSTANCE_EVALUATION`` also instance AP (Cityscapes: ``CityscapesInstanceEvaluator``), for
+        a model that outputs ``instances``. ``MODEL.SEM_SEG_HEAD.NUM_CLASSES`` must match the dataset's
+        classes."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
         meta = MetadataCatalog.get(dataset_name)
@@ -176,8 +230,10 @@ class Trainer(DefaultTrainer):
                 raise ValueError(f"TEST.INSTANCE_EVALUATION is on, but {cfg.MODEL.META_ARCHITECTURE} with this "
                                  "config outputs no 'instances' (COPS: MODEL.COPS.PREDICT_INSTANCES True); "
                                  "its AP would be 0")
+        if evaluator_type in PANOPTIC_EVALUATOR_TYPES or evaluator_type == "sem_seg":
+            check_model_classes(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, dataset_name)
         if evaluator_type in PANOPTIC_EVALUATOR_TYPES:
-            evaluators.append(COCOPanopticEvaluator(dataset_name, output_folder))
+            evaluators.append(CheckedCOCOPanopticEvaluator(dataset_name, output_folder))
             if cfg.TEST.SEMANTIC_EVALUATION and evaluator_type == "cityscapes_panoptic_seg":
                 evaluators.append(CityscapesSemSegEvaluator(dataset_name))
             elif cfg.TEST.SEMANTIC_EVALUATION and getattr(meta, "sem_seg_root", None):
@@ -193,6 +249,12 @@ class Trainer(DefaultTrainer):
                 f"supported: {PANOPTIC_EVALUATOR_TYPES + ('sem_seg',)}"
             )
         return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        """Detectron2's test loader with :class:`~cmt_cops_d2.data.mappers.InferenceMapper`: a corrupt or
+        truncated image raises an error naming the file."""
+        return build_detection_test_loader(cfg, dataset_name, mapper=InferenceMapper(cfg))
 
     @classmethod
     def build_train_loader(cls, cfg):

@@ -143,12 +143,32 @@ def validate_partitionable(partitionable: Any, num_labels: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.bool_)
 
 
+# Largest energy magnitude the costs may reach: the kernel adds node cost rows and edge costs (and
+# takes differences of such sums), which overflow float64 (1.8e308) to inf beyond this with margin.
+MAX_ENERGY = 1e300
+
+
+def validate_magnitudes(theta: np.ndarray, costs: np.ndarray) -> None:
+    """Reject costs whose sums could overflow: ``sum_v max_l |theta[v, l]| + sum_e |c_e|`` (a bound on
+    every energy and partial sum) must stay below :data:`MAX_ENERGY`. ``theta`` and ``costs`` are
+    validated (finite float64) arrays."""
+    with np.errstate(over="ignore"):
+        node_part = float(np.abs(theta).max(axis=1).sum()) if theta.shape[0] else 0.0
+        bound = node_part + float(np.abs(costs).sum())
+    if not bound <= MAX_ENERGY:
+        raise ValueError(
+            f"node_costs and edge_costs are too large: the energy could reach {bound:.3g} (sum over nodes of "
+            f"the largest |node cost| plus the sum of |edge costs|), beyond {MAX_ENERGY:g}, where float64 "
+            "sums overflow; scale all costs down by one positive factor (the solution stays the same)")
+
+
 def validate_problem(node_costs, edges, edge_costs, partitionable):
     """Checks and converts one AMWC problem; raises ``ValueError`` naming the offending argument."""
     theta = validate_node_costs(node_costs)
     ed = validate_edges(edges, theta.shape[0])
     c = validate_edge_costs(edge_costs, ed.shape[0])
     part = validate_partitionable(partitionable, theta.shape[1])
+    validate_magnitudes(theta, c)
     return theta, ed, c, part
 
 
@@ -167,9 +187,28 @@ def _check_passes(cluster_passes, node_passes):
 # and zeroing per 4 KiB page (15% of a Cityscapes-size solve), so finished solves hand their work arrays
 # back to a small pool and the next solve (any thread) reuses them. The pool keeps at most
 # ``CMT_AMWC_WORKSPACE_MB`` (environment, default 1024) MiB; ``release_workspaces()`` empties it.
+# The variable is read at the first solve (not at import, so a bad value breaks nothing else): a value
+# that is not a whole number >= 0 makes that solve raise ``ValueError`` naming the variable.
 _WS_LOCK = threading.Lock()
 _WS_FREE: List["_Workspace"] = []
-_WS_LIMIT = int(os.environ.get("CMT_AMWC_WORKSPACE_MB", "1024")) << 20
+_WS_LIMIT: Optional[int] = None  # bytes; None until read from the environment
+_WS_ENV = "CMT_AMWC_WORKSPACE_MB"
+
+
+def workspace_limit() -> int:
+    """The pool's cap in bytes, from ``CMT_AMWC_WORKSPACE_MB`` (read once); ``ValueError`` if malformed."""
+    global _WS_LIMIT
+    if _WS_LIMIT is None:
+        raw = os.environ.get(_WS_ENV, "1024")
+        try:
+            mb = int(raw.strip())
+        except ValueError:
+            mb = -1
+        if mb < 0:
+            raise ValueError(f"environment variable {_WS_ENV}={raw!r} must be a whole number of MiB >= 0 "
+                             f"(the cap of the AMWC solver's kept work arrays, default 1024); fix or unset it")
+        _WS_LIMIT = mb << 20
+    return _WS_LIMIT
 
 
 class _Workspace:
@@ -200,7 +239,7 @@ def _acquire_workspace() -> _Workspace:
 
 def _release_workspace(ws: _Workspace) -> None:
     with _WS_LOCK:
-        if sum(w.nbytes for w in _WS_FREE) + ws.nbytes <= _WS_LIMIT:
+        if sum(w.nbytes for w in _WS_FREE) + ws.nbytes <= workspace_limit():
             _WS_FREE.append(ws)
 
 
@@ -226,6 +265,7 @@ def run_kernel(theta, edges, costs, part, cluster_passes, node_passes) -> AmwcRe
     """Solve a validated problem (releases the GIL inside the kernel)."""
     if theta.shape[0] == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), 0.0
+    workspace_limit()  # a malformed CMT_AMWC_WORKSPACE_MB fails here, before the solve
     ws = _acquire_workspace()
     try:
         ws.fit(*_core.workspace_sizes(theta.shape[0], theta.shape[1], edges.shape[0]))

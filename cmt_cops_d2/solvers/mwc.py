@@ -30,6 +30,7 @@ from .amwc import (
     run_kernel,
     validate_edge_costs,
     validate_edges,
+    validate_magnitudes,
     validate_node_costs,
 )
 
@@ -40,6 +41,7 @@ def _validate(node_costs, edges, edge_costs):
     theta = validate_node_costs(node_costs)
     ed = validate_edges(edges, theta.shape[0])
     c = validate_edge_costs(edge_costs, ed.shape[0])
+    validate_magnitudes(theta, c)
     return theta, ed, c
 
 

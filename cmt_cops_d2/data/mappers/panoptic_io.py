@@ -1,14 +1,22 @@
-"""Reading one annotated image with checks shared by every mapper."""
+"""Reading one annotated image with checks shared by every mapper and by evaluation."""
 import copy
-from typing import Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 import torch
 from detectron2.data import transforms as T
 from detectron2.data import detection_utils as utils
+from detectron2.utils.file_io import PathManager
 from panopticapi.utils import rgb2id
+from PIL import Image
 
-__all__ = ["read_image_checked", "read_panoptic_checked", "load_augmented_panoptic"]
+__all__ = ["PANOPTIC_PNG_MODES", "read_image_checked", "read_panoptic_png", "check_panoptic_ids",
+           "read_panoptic_checked", "check_panoptic_file", "load_augmented_panoptic"]
+
+# PIL modes whose first three channels are R, G, B: what panopticapi's rgb2id reads.
+PANOPTIC_PNG_MODES = ("RGB", "RGBA")
+_MODE_NAMES = {"1": "black and white", "L": "grayscale", "LA": "grayscale", "P": "palette",
+               "I": "32-bit grayscale", "I;16": "16-bit grayscale", "F": "float"}
 
 
 def read_image_checked(dataset_dict: dict, image_format: str) -> np.ndarray:
@@ -24,25 +32,45 @@ def read_image_checked(dataset_dict: dict, image_format: str) -> np.ndarray:
     return image
 
 
-def read_panoptic_checked(dataset_dict: dict) -> Tuple[np.ndarray, np.ndarray]:
-    """Read the panoptic PNG of ``dataset_dict`` and check it against its ``segments_info``.
+def read_panoptic_png(path: str) -> np.ndarray:
+    """Decode the panoptic PNG ``path`` into H x W x 3 uint8 (R, G, B).
 
-    Returns:
-        (pan_rgb, pan_ids): the H x W x 3 uint8 PNG (what augmentations transform) and the H x W
-        int64 segment ids ``R + 256 G + 256^2 B``.
-
-    Raises ``ValueError`` naming the PNG when it cannot be decoded, when a segment listed in the JSON
-    has no pixel in the PNG, or when the PNG has a non-zero id that the JSON does not list.
+    Raises ``ValueError`` naming the PNG when it cannot be decoded (corrupt, truncated) or is not an
+    RGB(A) image: a grayscale, palette or 16-bit PNG holds no ``R + 256 G + 256^2 B`` ids.
     """
-    path = dataset_dict["pan_seg_file_name"]
     try:
+        with PathManager.open(path, "rb") as f:
+            mode = Image.open(f).mode
         pan_rgb = utils.read_image(path, "RGB")
     except FileNotFoundError:
         raise
     except Exception as e:
         raise ValueError(f"cannot read panoptic PNG {path}: {type(e).__name__}: {e}") from e
-    pan_ids = rgb2id(pan_rgb).astype(np.int64)
-    present = set(np.unique(pan_ids).tolist()) - {0}
+    if mode not in PANOPTIC_PNG_MODES:
+        kind = _MODE_NAMES.get(mode, "not RGB")
+        raise ValueError(
+            f"panoptic PNG {path} has PIL mode {mode!r} ({kind}); it must be RGB, with segment id = "
+            "R + 256 G + 256^2 B. Write it with panopticapi.utils.id2rgb."
+        )
+    return pan_rgb
+
+
+def check_panoptic_ids(dataset_dict: dict, shape: Tuple[int, int], present) -> None:
+    """Check a decoded panoptic PNG of ``shape`` (H, W) holding the ids ``present`` against
+    ``dataset_dict`` (``pan_seg_file_name``, ``segments_info``, optional ``height`` / ``width``).
+
+    Raises ``ValueError`` naming the PNG when its size differs from the image's, when a segment listed
+    in the JSON has no pixel in the PNG, or when the PNG has a non-zero id that the JSON does not list.
+    """
+    path = dataset_dict["pan_seg_file_name"]
+    height, width = shape
+    if (height, width) != (dataset_dict.get("height", height), dataset_dict.get("width", width)):
+        raise ValueError(
+            f"panoptic PNG {path} is {width}x{height} but the image is "
+            f"{dataset_dict.get('width')}x{dataset_dict.get('height')} (width x height); the PNG must "
+            "label every pixel of the image"
+        )
+    present = {int(i) for i in present} - {0}
     listed = {int(s["id"]) for s in dataset_dict["segments_info"]}
     if listed - present:
         raise ValueError(
@@ -53,16 +81,37 @@ def read_panoptic_checked(dataset_dict: dict) -> Tuple[np.ndarray, np.ndarray]:
     if present - listed:
         raise ValueError(
             f"panoptic PNG {path} (image {dataset_dict.get('image_id')}): segment id(s) "
-            f"{sorted(present - listed)} appear in the PNG but not in the JSON's segments_info."
+            f"{sorted(present - listed)} appear in the PNG but not in the JSON's segments_info. "
+            "Add them to segments_info or set their pixels to 0 (unlabelled)."
         )
-    if (pan_ids.shape[0], pan_ids.shape[1]) != (
-        dataset_dict.get("height", pan_ids.shape[0]), dataset_dict.get("width", pan_ids.shape[1])
-    ):
-        raise ValueError(
-            f"panoptic PNG {path} is {pan_ids.shape[1]}x{pan_ids.shape[0]} but the image is "
-            f"{dataset_dict.get('width')}x{dataset_dict.get('height')} (width x height)"
-        )
+
+
+def read_panoptic_checked(dataset_dict: dict) -> Tuple[np.ndarray, np.ndarray]:
+    """Read the panoptic PNG of ``dataset_dict`` and check it against its ``segments_info``.
+
+    Returns:
+        (pan_rgb, pan_ids): the H x W x 3 uint8 PNG (what augmentations transform) and the H x W
+        int64 segment ids ``R + 256 G + 256^2 B``.
+
+    Raises ``ValueError`` naming the PNG for the problems of :func:`read_panoptic_png` and
+    :func:`check_panoptic_ids`.
+    """
+    pan_rgb = read_panoptic_png(dataset_dict["pan_seg_file_name"])
+    pan_ids = rgb2id(pan_rgb).astype(np.int64)
+    # return_counts selects numpy's sort-based unique, several times faster here than the default.
+    check_panoptic_ids(dataset_dict, pan_ids.shape[:2], np.unique(pan_ids, return_counts=True)[0])
     return pan_rgb, pan_ids
+
+
+def check_panoptic_file(dataset_dict: dict) -> Dict[int, int]:
+    """The checks of :func:`read_panoptic_checked` without keeping the image (evaluation's pre-pass).
+
+    Returns the pixel count of every non-zero segment id in the PNG.
+    """
+    pan_ids = rgb2id(read_panoptic_png(dataset_dict["pan_seg_file_name"]))
+    ids, counts = np.unique(pan_ids, return_counts=True)
+    check_panoptic_ids(dataset_dict, pan_ids.shape[:2], ids)
+    return {int(i): int(c) for i, c in zip(ids, counts) if i != 0}
 
 
 def load_augmented_panoptic(dataset_dict: dict, image_format: str,

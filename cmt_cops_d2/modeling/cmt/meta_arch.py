@@ -9,6 +9,7 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.structures import ImageList
+from detectron2.utils.events import get_event_storage
 from torch import nn
 
 from ..layers import set_inference_shortcuts
@@ -17,7 +18,7 @@ from .output_resize import OutputResize, ResizedMaps
 from .postprocess import panoptic_inference, semantic_inference
 from .rfn import RecursiveFeatureNetwork
 
-__all__ = ["CMTDeepLab", "downsample_masks"]
+__all__ = ["CMTDeepLab", "downsample_masks", "check_input_images"]
 
 OUTPUT_STRIDE = 4
 
@@ -28,6 +29,63 @@ def downsample_masks(masks: torch.Tensor, stride: int = OUTPUT_STRIDE) -> torch.
     if masks.numel() == 0:
         return masks.new_zeros((masks.shape[0], masks.shape[1] // stride, masks.shape[2] // stride))
     return F.avg_pool2d(masks[None].float(), stride)[0] > 0.5
+
+
+def _image_name(x, i: int) -> str:
+    return repr(x["file_name"]) if isinstance(x, dict) and "file_name" in x else f"batched_inputs[{i}]"
+
+
+def check_input_images(batched_inputs: List[dict], channels: int = 3) -> None:
+    """Every input's ``image`` must be a ``channels x H x W`` tensor (H, W >= 1) of finite values:
+    ``ValueError`` for a wrong shape, ``FloatingPointError`` for NaN / inf, naming the image (its
+    ``file_name`` when the input has one)."""
+    for i, x in enumerate(batched_inputs):
+        name = _image_name(x, i)
+        image = x.get("image") if isinstance(x, dict) else None
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"input image {name}: 'image' must be a torch.Tensor of shape {channels} x H x W, "
+                             f"got {type(image).__name__}")
+        shape = tuple(image.shape)
+        if len(shape) != 3 or shape[0] != channels or min(shape[1:]) < 1:
+            hint = ""
+            if len(shape) == 3 and shape[-1] == channels and shape[0] != channels:
+                hint = " (channels last? pass image.permute(2, 0, 1))"
+            elif len(shape) == 3 and shape[0] != channels:
+                hint = f" ({shape[0]} channels; MODEL.PIXEL_MEAN has {channels})"
+            raise ValueError(f"input image {name} has shape {shape}; expected {channels} x H x W "
+                             f"(channels first, H and W at least 1){hint}")
+        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
+            raise FloatingPointError(f"input image {name} holds NaN or inf pixel values; the model's output "
+                                     "would be meaningless (check the image file or the code that made it)")
+
+
+def _iteration_text() -> str:
+    try:
+        return f" at iteration={get_event_storage().iter}"
+    except AssertionError:  # outside a Detectron2 trainer
+        return ""
+
+
+def check_finite(tensors: Dict[str, torch.Tensor], what: str) -> None:
+    """``FloatingPointError`` in Detectron2's words ("Loss became infinite or NaN at iteration=...!")
+    when a tensor of ``tensors`` holds NaN or inf; one device sync for all of them."""
+    if not tensors:
+        return
+    flags = torch.stack([torch.isfinite(t.detach()).all() for t in tensors.values()])
+    if bool(flags.all()):
+        return
+    bad = [k for k, ok in zip(tensors, flags.tolist()) if not ok]
+    raise FloatingPointError(
+        f"Loss became infinite or NaN{_iteration_text()}! CMT-DeepLab's {what} {', '.join(bad[:5])} "
+        "hold NaN or inf (training diverged: lower SOLVER.BASE_LR or enable SOLVER.CLIP_GRADIENTS)")
+
+
+def _matched_outputs(outputs: Dict) -> Dict[str, torch.Tensor]:
+    """The outputs the criterion's matching reads: final and auxiliary class and mask logits."""
+    found = {k: outputs[k] for k in ("pred_logits", "pred_masks") if k in outputs}
+    for i, aux in enumerate(outputs.get("aux_outputs", [])):
+        found.update({f"aux_outputs[{i}].{k}": aux[k] for k in ("pred_logits", "pred_masks") if k in aux})
+    return found
 
 
 @META_ARCH_REGISTRY.register()
@@ -135,6 +193,7 @@ class CMTDeepLab(nn.Module):
         return tuple(int(math.ceil(n / d) * d) for n in image.shape[-2:])
 
     def forward(self, batched_inputs: List[dict]):
+        check_input_images(batched_inputs, self.pixel_mean.shape[0])
         images = self.normalized_images(batched_inputs)
         if self.training:
             if "instances" not in batched_inputs[0]:
@@ -142,7 +201,11 @@ class CMTDeepLab(nn.Module):
                                  "input; use INPUT.DATASET_MAPPER_NAME mask_transformer_panoptic")
             batch = ImageList.from_tensors(images, self.size_divisibility)
             outputs = self.network(batch.tensor)
-            return self.criterion(outputs, self.prepare_targets(batched_inputs, batch.tensor.shape[-2:]))
+            # NaN logits would otherwise stop the Hungarian matching with an unrelated scipy error
+            check_finite(_matched_outputs(outputs), "outputs")
+            losses = self.criterion(outputs, self.prepare_targets(batched_inputs, batch.tensor.shape[-2:]))
+            check_finite(losses, "losses")
+            return losses
         groups = defaultdict(list)
         for i, image in enumerate(images):
             groups[self.padded_size(image)].append(i)

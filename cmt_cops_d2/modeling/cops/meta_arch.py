@@ -96,6 +96,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..cmt.meta_arch import check_input_images
 from .amwc_layer import AMWCSettings, solve_amwc_maps
 from .criterion import COPSCriterion
 from .heads import COPSCosts, COPSSemSegHead, build_affinity_head
@@ -294,6 +295,7 @@ class COPS(nn.Module):
         return sem_logits, self.affinity_head(features, sem_logits)
 
     def forward(self, batched_inputs: List[dict]):
+        check_input_images(batched_inputs, self.pixel_mean.shape[0])  # shape 3 x H x W, finite values
         images = [(x["image"].to(self.device) - self.pixel_mean) / self.pixel_std for x in batched_inputs]
         images = ImageList.from_tensors(images, self.size_divisibility)
         sem_logits, aff_logits = self.predict_logits(images.tensor)
