@@ -13,11 +13,16 @@ Files, under ``root`` (default ``$DETECTRON2_DATASETS/synthetic_panoptic``), mir
     panoptic_{split}2017/{image_id:06d}.png       panoptic PNGs, id = R + 256 G + 256^2 B (panopticapi id2rgb)
     panoptic_semseg_{split}2017/{image_id:06d}.png semantic PNGs, contiguous class id, 255 = unlabelled
     annotations/panoptic_{split}2017.json         images, annotations (segments_info), categories
+    GENERATED.json                                the parameters' key and the size of every file
+
+:func:`ensure_synthetic_panoptic` (run before each load) regenerates the copy when the parameters
+changed, and only the missing or truncated files (a size that differs from ``GENERATED.json``) when not.
 
 numpy, OpenCV, PIL and panopticapi's ``id2rgb``; no Detectron2 needed. The same (seed, split, index) always gives the same image.
 """
 import hashlib
 import json
+import logging
 import os
 from typing import Dict, List, Tuple
 
@@ -33,6 +38,9 @@ __all__ = [
     "generate_split",
     "generate_synthetic_panoptic",
     "ensure_synthetic_panoptic",
+    "check_synthetic_panoptic",
+    "repair_synthetic_panoptic",
+    "expected_files",
 ]
 
 # Category ids are deliberately not contiguous (as in COCO), so the id maps are exercised.
@@ -215,32 +223,50 @@ def generate_image(seed: int, split: str, index: int, cfg: SyntheticConfig
     return image, pan, segments
 
 
-def generate_split(root: str, split: str, num_images: int, cfg: SyntheticConfig) -> str:
-    """Write one split under ``root``; returns the path of its panoptic JSON."""
-    img_dir = os.path.join(root, f"{split}2017")
-    pan_dir = os.path.join(root, f"panoptic_{split}2017")
-    sem_dir = os.path.join(root, f"panoptic_semseg_{split}2017")
-    ann_dir = os.path.join(root, "annotations")
-    for d in (img_dir, pan_dir, sem_dir, ann_dir):
-        os.makedirs(d, exist_ok=True)
-    images, annotations = [], []
-    for i in range(num_images):
-        image_id = i + 1
-        image, pan, segments = generate_image(cfg.seed, split, i, cfg)
-        stem = f"{image_id:06d}"
-        Image.fromarray(image).save(os.path.join(img_dir, stem + ".jpg"), quality=95)
-        Image.fromarray(id2rgb(pan)).save(os.path.join(pan_dir, stem + ".png"))
+def _split_dirs(root: str, split: str) -> Dict[str, str]:
+    return {"image": os.path.join(root, f"{split}2017"), "pan": os.path.join(root, f"panoptic_{split}2017"),
+            "sem": os.path.join(root, f"panoptic_semseg_{split}2017"),
+            "json": os.path.join(root, "annotations", f"panoptic_{split}2017.json")}
+
+
+def _image_files(root: str, split: str, index: int) -> Dict[str, str]:
+    """The image, panoptic PNG and semantic PNG of image ``index`` of ``split``."""
+    d, stem = _split_dirs(root, split), f"{index + 1:06d}"
+    return {"image": os.path.join(d["image"], stem + ".jpg"), "pan": os.path.join(d["pan"], stem + ".png"),
+            "sem": os.path.join(d["sem"], stem + ".png")}
+
+
+def _write_image(root: str, split: str, index: int, cfg: SyntheticConfig, which=("image", "pan", "sem")
+                 ) -> Tuple[Dict, Dict]:
+    """Generate image ``index`` and write the files in ``which``; returns its ``images`` and
+    ``annotations`` entries."""
+    image, pan, segments = generate_image(cfg.seed, split, index, cfg)
+    files = _image_files(root, split, index)
+    if "image" in which:
+        Image.fromarray(image).save(files["image"], quality=95)
+    if "pan" in which:
+        Image.fromarray(id2rgb(pan)).save(files["pan"])
+    if "sem" in which:
         sem = np.full(pan.shape, 255, np.uint8)
         for s in segments:
             sem[pan == s["id"]] = CONTIGUOUS[s["category_id"]]
-        Image.fromarray(sem).save(os.path.join(sem_dir, stem + ".png"))
-        images.append({"id": image_id, "file_name": stem + ".jpg", "height": cfg.height,
-                       "width": cfg.width})
-        annotations.append({"image_id": image_id, "file_name": stem + ".png", "segments_info": segments})
-    json_file = os.path.join(ann_dir, f"panoptic_{split}2017.json")
+        Image.fromarray(sem).save(files["sem"])
+    image_id = index + 1
+    return ({"id": image_id, "file_name": os.path.basename(files["image"]), "height": cfg.height,
+             "width": cfg.width},
+            {"image_id": image_id, "file_name": os.path.basename(files["pan"]), "segments_info": segments})
+
+
+def generate_split(root: str, split: str, num_images: int, cfg: SyntheticConfig) -> str:
+    """Write one split under ``root``; returns the path of its panoptic JSON."""
+    dirs = _split_dirs(root, split)
+    for d in (dirs["image"], dirs["pan"], dirs["sem"], os.path.dirname(dirs["json"])):
+        os.makedirs(d, exist_ok=True)
+    entries = [_write_image(root, split, i, cfg) for i in range(num_images)]
+    json_file = dirs["json"]
     with open(json_file + ".tmp", "w") as f:
         json.dump({"info": {"description": "cmt_cops_d2 synthetic panoptic", **cfg.as_dict()},
-                   "images": images, "annotations": annotations,
+                   "images": [e[0] for e in entries], "annotations": [e[1] for e in entries],
                    "categories": SYNTHETIC_CATEGORIES}, f)
     os.replace(json_file + ".tmp", json_file)
     return json_file
@@ -250,6 +276,80 @@ def _marker(root: str) -> str:
     return os.path.join(root, "GENERATED.json")
 
 
+def _split_sizes(cfg: SyntheticConfig) -> Dict[str, int]:
+    return {"train": cfg.num_train, "val": cfg.num_val}
+
+
+def expected_files(root: str, cfg: SyntheticConfig) -> List[str]:
+    """Every file a complete copy of the dataset with parameters ``cfg`` has under ``root``."""
+    out = []
+    for split, n in _split_sizes(cfg).items():
+        out.append(_split_dirs(root, split)["json"])
+        for i in range(n):
+            out.extend(_image_files(root, split, i).values())
+    return out
+
+
+def _write_marker(root: str, cfg: SyntheticConfig) -> None:
+    sizes = {os.path.relpath(p, root): os.path.getsize(p) for p in expected_files(root, cfg)}
+    with open(_marker(root) + ".tmp", "w") as f:
+        json.dump({"key": cfg.key(), **cfg.as_dict(), "file_sizes": sizes}, f, indent=1)
+    os.replace(_marker(root) + ".tmp", _marker(root))
+
+
+def check_synthetic_panoptic(root: str, cfg: SyntheticConfig = None) -> Tuple[bool, List[str]]:
+    """Compare the copy under ``root`` with the parameters ``cfg``.
+
+    Returns ``(current, damaged)``: ``current`` is False when there is no copy or one made with other
+    parameters; ``damaged`` lists the expected files that are missing or whose size differs from the
+    one recorded at generation (a truncated file), for a current copy.
+    """
+    cfg = cfg or SyntheticConfig()
+    try:
+        with open(_marker(root)) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return False, []
+    if not isinstance(marker, dict) or marker.get("key") != cfg.key():
+        return False, []
+    sizes = marker.get("file_sizes") or {}
+    damaged = []
+    for path in expected_files(root, cfg):
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            damaged.append(path)
+            continue
+        recorded = sizes.get(os.path.relpath(path, root))
+        if recorded is not None and size != recorded:
+            damaged.append(path)
+    return True, damaged
+
+
+def repair_synthetic_panoptic(root: str, damaged: List[str], cfg: SyntheticConfig = None) -> List[str]:
+    """Regenerate the ``damaged`` files of a current copy (generation is deterministic, so the other
+    files stay valid); a damaged JSON regenerates its split. Returns the files written."""
+    cfg = cfg or SyntheticConfig()
+    damaged = set(damaged)
+    written = []
+    for split, n in _split_sizes(cfg).items():
+        dirs = _split_dirs(root, split)
+        if dirs["json"] in damaged:
+            generate_split(root, split, n, cfg)
+            written.append(dirs["json"])
+            written.extend(p for i in range(n) for p in _image_files(root, split, i).values())
+            continue
+        for d in (dirs["image"], dirs["pan"], dirs["sem"]):
+            os.makedirs(d, exist_ok=True)
+        for i in range(n):
+            which = [k for k, p in _image_files(root, split, i).items() if p in damaged]
+            if which:
+                _write_image(root, split, i, cfg, which)
+                written.extend(_image_files(root, split, i)[k] for k in which)
+    _write_marker(root, cfg)
+    return written
+
+
 def generate_synthetic_panoptic(root: str, cfg: SyntheticConfig = None) -> None:
     """Generate the train and val splits under ``root`` (overwriting), then write the marker file."""
     cfg = cfg or SyntheticConfig()
@@ -257,32 +357,33 @@ def generate_synthetic_panoptic(root: str, cfg: SyntheticConfig = None) -> None:
         os.remove(_marker(root))
     generate_split(root, "train", cfg.num_train, cfg)
     generate_split(root, "val", cfg.num_val, cfg)
-    with open(_marker(root), "w") as f:
-        json.dump({"key": cfg.key(), **cfg.as_dict()}, f, indent=1)
+    _write_marker(root, cfg)
 
 
 def ensure_synthetic_panoptic(root: str, cfg: SyntheticConfig = None) -> bool:
-    """Generate the dataset under ``root`` unless a complete copy with the same parameters is there.
+    """Make the copy under ``root`` complete and current: generate it when it is absent or was made with
+    other parameters; regenerate the files that are missing or truncated.
 
     Safe to call from several processes at once (a file lock serialises generation). Returns True if
-    it generated the data.
+    it wrote anything.
     """
     from iopath.common.file_io import file_lock
 
     cfg = cfg or SyntheticConfig()
-
-    def up_to_date():
-        try:
-            with open(_marker(root)) as f:
-                return json.load(f).get("key") == cfg.key()
-        except (OSError, ValueError):
-            return False
-
-    if up_to_date():
+    current, damaged = check_synthetic_panoptic(root, cfg)
+    if current and not damaged:
         return False
     os.makedirs(root, exist_ok=True)
     with file_lock(os.path.join(root, "generate")):
-        if up_to_date():
+        current, damaged = check_synthetic_panoptic(root, cfg)
+        if current and not damaged:
             return False
-        generate_synthetic_panoptic(root, cfg)
+        if not current:
+            generate_synthetic_panoptic(root, cfg)
+            return True
+        shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
+        logging.getLogger(__name__).warning(
+            "synthetic dataset %s: %d file(s) missing or truncated (%s); regenerating them",
+            root, len(damaged), shown)
+        repair_synthetic_panoptic(root, damaged, cfg)
     return True

@@ -11,11 +11,13 @@ A dataset in COCO panoptic format is
 :func:`register_panoptic_dataset` registers such a dataset under a name in Detectron2's
 ``DatasetCatalog`` / ``MetadataCatalog`` with everything ``COCOPanopticEvaluator``, ``SemSegEvaluator``,
 the mappers and the ``Visualizer`` need. :func:`load_panoptic_json` reads it into Detectron2's standard
-dicts and checks the annotations while doing so: a missing file, an unknown category id, an image without
-segments or a duplicated segment id raises an error that names the file and how to fix it. Nothing is
-skipped silently.
+dicts and checks the annotations while doing so: a JSON that is not UTF-8 or lacks a top-level key, a
+missing key or a value of the wrong type (``"category_id": "3"``), a missing file, an unknown category
+id, an image without segments or a duplicated segment id raises an error that names the file, the entry
+and how to fix it. Nothing is skipped silently.
 """
 import json
+import numbers
 import os
 from typing import Callable, Dict, List, Optional
 
@@ -25,6 +27,7 @@ __all__ = [
     "DatasetFormatError",
     "panoptic_metadata_from_categories",
     "load_panoptic_json",
+    "read_panoptic_json",
     "register_panoptic_dataset",
 ]
 
@@ -42,15 +45,23 @@ def panoptic_metadata_from_categories(categories: List[dict]) -> Dict:
     them (Mask2Former's convention). ``thing_classes`` and ``stuff_classes`` both list all K names,
     indexed by contiguous id, as the ``Visualizer`` expects.
     """
-    if not categories:
-        raise DatasetFormatError("the category list is empty")
+    if not isinstance(categories, (list, tuple)) or not categories:
+        raise DatasetFormatError(f"the category list is empty or not a list: {categories!r}")
+    for i, c in enumerate(categories):
+        if not isinstance(c, dict):
+            raise DatasetFormatError(f"categories[{i}] = {c!r} is not a dict with 'id', 'name' and 'isthing'")
+        missing = {"id", "name", "isthing"} - set(c)
+        if missing:
+            raise DatasetFormatError(f"categories[{i}] = {c} lacks the key(s) {sorted(missing)}")
+        if not _is_int(c["id"]):
+            raise DatasetFormatError(
+                f"categories[{i}] ({c['name']!r}) has \"id\": {_show(c['id'])}; it must be an integer")
+        if c["isthing"] not in (0, 1):  # True / False compare equal to 1 / 0
+            raise DatasetFormatError(
+                f"categories[{i}] ({c['name']!r}) has \"isthing\": {_show(c['isthing'])}; it must be 1 or 0")
     ids = [c["id"] for c in categories]
     if len(set(ids)) != len(ids):
         raise DatasetFormatError(f"duplicated category ids in {ids}")
-    for c in categories:
-        missing = {"id", "name", "isthing"} - set(c)
-        if missing:
-            raise DatasetFormatError(f"category {c} lacks the key(s) {sorted(missing)}")
     names = [c["name"] for c in categories]
     colors = [list(c.get("color", [(37 * i) % 256, (97 * i) % 256, (173 * i) % 256]))
               for i, c in enumerate(categories)]
@@ -64,6 +75,81 @@ def panoptic_metadata_from_categories(categories: List[dict]) -> Dict:
         },
         "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
     }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_JSON_TYPES = {int: "an integer", str: "a string", float: "a number with a fraction", bool: "a boolean", list: "a list",
+               dict: "an object", type(None): "null"}
+
+
+def _show(value) -> str:
+    """``value`` as the JSON has it, with its type: ``"3" (a string)``."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({_JSON_TYPES.get(type(value), type(value).__name__)})"
+
+
+def _get(entry, key: str, where: str, check: Callable, expected: str):
+    """``entry[key]``, or an error naming ``where`` and ``key`` when it is absent or fails ``check``."""
+    if key not in entry:
+        raise DatasetFormatError(f"{where} lacks the key \"{key}\" ({expected})")
+    value = entry[key]
+    if not check(value):
+        raise DatasetFormatError(f"{where} has \"{key}\": {_show(value)}; it must be {expected}")
+    return value
+
+
+def _entries(data: dict, key: str, json_file: str):
+    """(index, entry) of the top-level list ``key``; an entry that is not an object is an error."""
+    for i, entry in enumerate(data[key]):
+        if not isinstance(entry, dict):
+            raise DatasetFormatError(f"{json_file}: {key}[{i}] is {_show(entry)}, not an object")
+        yield i, entry
+
+
+def read_panoptic_json(json_file: str) -> dict:
+    """Read a COCO panoptic JSON: UTF-8 (or UTF-16/32), an object with the lists ``images``,
+    ``annotations`` and ``categories``. Anything else raises :class:`DatasetFormatError` naming the file."""
+    with open(json_file, "rb") as f:
+        raw = f.read()
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start:e.start + 1].hex()
+        line = e.object[:e.start].count(b"\n") + 1
+        raise DatasetFormatError(
+            f"{json_file} is not UTF-8 text: byte 0x{bad} at offset {e.start} (line {line}) is not valid "
+            f"{e.encoding} ({e.reason}). JSON files must be UTF-8: re-save it as UTF-8 (for a Latin-1 "
+            f"file: `iconv -f latin1 -t utf-8 old.json > new.json`; from Python: json.dump to a file opened "
+            f"with encoding='utf-8')"
+        ) from e
+    except json.JSONDecodeError as e:
+        raise DatasetFormatError(f"{json_file} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise DatasetFormatError(
+            f"{json_file}: the top level is {_JSON_TYPES.get(type(data), type(data).__name__)}, not an object "
+            "with the keys 'images', 'annotations' and 'categories': not a COCO panoptic JSON")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise DatasetFormatError(
+            f"{json_file} lacks the top-level key(s) {', '.join(repr(k) for k in missing)} (it has "
+            f"{sorted(data)[:10]}): not a COCO panoptic JSON, which needs 'images', 'annotations' and "
+            "'categories'")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise DatasetFormatError(f"{json_file}: top-level \"{key}\" is {_show(data[key])}; it must be a list")
+    return data
+
+
+def _image_id_ok(value) -> bool:
+    return _is_int(value) or isinstance(value, str)
 
 
 def _require(path: str, what: str, hint: Optional[str]) -> None:
@@ -106,34 +192,44 @@ def load_panoptic_json(
     _require(panoptic_root, "panoptic PNG folder", prepare_hint)
     if sem_seg_root is not None:
         _require(sem_seg_root, "semantic PNG folder", prepare_hint)
-    try:
-        with open(json_file) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DatasetFormatError(f"{json_file} is not valid JSON: {e}") from e
-    for key in ("images", "annotations"):
-        if key not in data:
-            raise DatasetFormatError(f"{json_file} has no '{key}' list: not a COCO panoptic JSON")
+    data = read_panoptic_json(json_file)
 
     thing_map = meta["thing_dataset_id_to_contiguous_id"]
     stuff_map = meta["stuff_dataset_id_to_contiguous_id"]
     # Image ids are kept as the JSON has them (COCO: int, Cityscapes: str): panopticapi matches
     # predictions to ground truth by equality of image_id.
     images = {}
-    for img in data["images"]:
-        if img["id"] in images:
-            raise DatasetFormatError(f"{json_file}: image id {img['id']!r} appears twice in 'images'")
-        images[img["id"]] = img
+    for i, img in _entries(data, "images", json_file):
+        where = f"{json_file}: images[{i}]"
+        image_id = _get(img, "id", where, _image_id_ok, "an integer or a string")
+        if image_ext is None:
+            _get(img, "file_name", where, lambda v: isinstance(v, str) and v, "the image's file name")
+        for key in ("height", "width"):
+            if img.get(key) is not None:
+                _get(img, key, where, lambda v: _is_int(v) and v > 0, "a positive integer (or absent)")
+        if image_id in images:
+            raise DatasetFormatError(f"{json_file}: image id {image_id!r} appears twice in 'images'")
+        images[image_id] = img
     annotated = set()
     ret = []
-    for ann in data["annotations"]:
-        image_id = ann["image_id"]
-        where = f"{json_file}, annotation of image_id {image_id!r} ({ann.get('file_name')})"
+    for i, ann in _entries(data, "annotations", json_file):
+        image_id = _get(ann, "image_id", f"{json_file}: annotations[{i}]", _image_id_ok,
+                        "an integer or a string, an id of 'images'")
+        where = f"{json_file}, annotation of image_id {image_id!r}"
+        if isinstance(ann.get("file_name"), str):
+            where += f" ({ann['file_name']})"
         if image_id not in images:
+            other = next((k for k in images if str(k) == str(image_id)), None)
+            if other is not None:
+                raise DatasetFormatError(
+                    f"{where}: image_id is {_show(image_id)} but 'images' has the id {_show(other)}; "
+                    "write the id with the same type in both")
             raise DatasetFormatError(f"{where}: image_id is not listed in 'images'")
         if image_id in annotated:
             raise DatasetFormatError(f"{where}: the image has a second annotation; merge them")
         annotated.add(image_id)
+        _get(ann, "file_name", where, lambda v: isinstance(v, str) and v, "the panoptic PNG's file name")
+        segments_info = _get(ann, "segments_info", where, lambda v: isinstance(v, list), "a list of segments")
         img = images[image_id]
         if image_ext is None:
             image_file = os.path.join(image_root, img["file_name"])
@@ -142,14 +238,21 @@ def load_panoptic_json(
         pan_file = os.path.join(panoptic_root, ann["file_name"])
         _require(image_file, f"image of image_id {image_id}", prepare_hint)
         _require(pan_file, f"panoptic PNG of image_id {image_id}", prepare_hint)
-        if not ann["segments_info"]:
+        if not segments_info:
             raise DatasetFormatError(
                 f"{where}: the image has no segments. Every image needs at least one labelled segment; "
                 "remove the image from the JSON or annotate it."
             )
         segments, seen = [], set()
-        for seg in ann["segments_info"]:
-            sid, cat = int(seg["id"]), seg["category_id"]
+        for k, seg in enumerate(segments_info):
+            seg_where = f"{where}: segments_info[{k}]"
+            if not isinstance(seg, dict):
+                raise DatasetFormatError(f"{seg_where} is {_show(seg)}, not an object")
+            sid = _get(seg, "id", seg_where, _is_int, "an integer segment id (R + 256 G + 256^2 B)")
+            cat = _get(seg, "category_id", seg_where, _is_int,
+                       "an integer, the id of one of the dataset's categories, written without quotes")
+            if "iscrowd" in seg:
+                _get(seg, "iscrowd", seg_where, lambda v: v in (0, 1) and not isinstance(v, float), "0 or 1")
             if sid <= 0 or sid >= 256 ** 3:
                 raise DatasetFormatError(f"{where}: segment id {sid} is outside 1..2^24-1")
             if sid in seen:
@@ -220,7 +323,10 @@ def register_panoptic_dataset(
         register_panoptic_dataset("my_train", categories, "data/images", "data/panoptic",
                                   "data/panoptic.json", sem_seg_root="data/semseg")
     """
-    meta = panoptic_metadata_from_categories(categories)
+    try:
+        meta = panoptic_metadata_from_categories(categories)
+    except DatasetFormatError as e:
+        raise DatasetFormatError(f"register_panoptic_dataset({name!r}), argument categories: {e}") from e
 
     def load():
         if before_load is not None:
