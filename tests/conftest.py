@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 
 import cmt_cops_d2  # noqa: F401  (registers datasets and models)
 from cmt_cops_d2.data.datasets.register_synthetic import register_all_synthetic_panoptic
@@ -20,3 +21,13 @@ def tiny_synthetic(tmp_path_factory):
 
     DatasetCatalog.get("tiny_synthetic_train")  # generate now, once
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-tensor tests: a second thread only adds start-up and
+    contention on the shared CPUs (use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -33,12 +33,7 @@ SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
 RELATIVE_TOLERANCE = 2e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @functools.lru_cache(maxsize=None)

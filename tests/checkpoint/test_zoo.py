@@ -12,7 +12,7 @@ from torch import nn
 from cmt_cops_d2.checkpoint.zoo import PRETRAINED, check_weights_file, convert_command
 from cmt_cops_d2.engine import load_weights, setup_cfg
 
-from .test_download import ROOT, server  # noqa: F401,F811  (pytest fixture)
+from .test_download import ROOT
 
 
 @pytest.mark.parametrize("config", ["coco/cmt_r50.yaml", "cityscapes/cmt_r50.yaml", "coco/max_deeplab_s.yaml"])
@@ -23,7 +23,7 @@ def test_paper_configs_name_the_converted_imagenet_backbone(config):
     assert os.path.basename(cfg.MODEL.WEIGHTS) in PRETRAINED and cfg.MODEL.AXIAL_RESNET.BN_EPS == 1e-3
 
 
-def test_a_missing_pretrained_file_prints_the_command_and_the_command_works(server, tmp_path, monkeypatch):  # noqa: F811
+def test_a_missing_pretrained_file_prints_the_command_and_the_command_works(server, tmp_path, monkeypatch):
     handler, url = server
     monkeypatch.chdir(tmp_path)
     path = "pretrained/maxs_gelu_imagenet_22k_1k.pth"

@@ -18,13 +18,7 @@ from cmt_cops_d2.modeling.layers import (
 from .norms import randomize_batch_norms
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: a second thread only adds start-up and contention on the shared CPUs.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomize_norms(module: nn.Module, seed: int = 0):

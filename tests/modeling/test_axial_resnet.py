@@ -21,12 +21,7 @@ from cmt_cops_d2.modeling.backbone import (
 TINY = dict(depths=(1, 1, 2, 2), stem_width=8, base_width=8, norm="BN", max_span=5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(**overrides) -> AxialResNet:
