@@ -12,13 +12,14 @@ from detectron2.structures import ImageList
 from detectron2.utils.events import get_event_storage
 from torch import nn
 
+from ..inputs import check_input_images
 from ..layers import set_inference_shortcuts
 from .criterion import CMTCriterion
 from .output_resize import OutputResize, ResizedMaps
 from .postprocess import panoptic_inference, semantic_inference
 from .rfn import RecursiveFeatureNetwork
 
-__all__ = ["CMTDeepLab", "downsample_masks", "check_input_images"]
+__all__ = ["CMTDeepLab", "downsample_masks"]
 
 OUTPUT_STRIDE = 4
 
@@ -29,34 +30,6 @@ def downsample_masks(masks: torch.Tensor, stride: int = OUTPUT_STRIDE) -> torch.
     if masks.numel() == 0:
         return masks.new_zeros((masks.shape[0], masks.shape[1] // stride, masks.shape[2] // stride))
     return F.avg_pool2d(masks[None].float(), stride)[0] > 0.5
-
-
-def _image_name(x, i: int) -> str:
-    return repr(x["file_name"]) if isinstance(x, dict) and "file_name" in x else f"batched_inputs[{i}]"
-
-
-def check_input_images(batched_inputs: List[dict], channels: int = 3) -> None:
-    """Every input's ``image`` must be a ``channels x H x W`` tensor (H, W >= 1) of finite values:
-    ``ValueError`` for a wrong shape, ``FloatingPointError`` for NaN / inf, naming the image (its
-    ``file_name`` when the input has one)."""
-    for i, x in enumerate(batched_inputs):
-        name = _image_name(x, i)
-        image = x.get("image") if isinstance(x, dict) else None
-        if not isinstance(image, torch.Tensor):
-            raise ValueError(f"input image {name}: 'image' must be a torch.Tensor of shape {channels} x H x W, "
-                             f"got {type(image).__name__}")
-        shape = tuple(image.shape)
-        if len(shape) != 3 or shape[0] != channels or min(shape[1:]) < 1:
-            hint = ""
-            if len(shape) == 3 and shape[-1] == channels and shape[0] != channels:
-                hint = " (channels last? pass image.permute(2, 0, 1))"
-            elif len(shape) == 3 and shape[0] != channels:
-                hint = f" ({shape[0]} channels; MODEL.PIXEL_MEAN has {channels})"
-            raise ValueError(f"input image {name} has shape {shape}; expected {channels} x H x W "
-                             f"(channels first, H and W at least 1){hint}")
-        if image.is_floating_point() and not bool(torch.isfinite(image).all()):
-            raise FloatingPointError(f"input image {name} holds NaN or inf pixel values; the model's output "
-                                     "would be meaningless (check the image file or the code that made it)")
 
 
 def _iteration_text() -> str:

@@ -96,7 +96,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..cmt.meta_arch import check_input_images
+from ..inputs import check_input_images
 from .amwc_layer import AMWCSettings, solve_amwc_maps
 from .criterion import COPSCriterion
 from .heads import COPSCosts, COPSSemSegHead, build_affinity_head
