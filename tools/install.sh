@@ -76,6 +76,10 @@ for name, pairs in fixes.items():
         text = text.replace(old, new)   # idempotent: no `old` is part of its `new`
         assert old not in text, f"{path}: {old!r} left"
     path.write_text(text)
+    # pip compiled the unpatched file; a patch of the same length written within the same second would
+    # pass the bytecode cache's size / mtime check, so drop the stale bytecode
+    for pyc in (path.parent / "__pycache__").glob(f"{path.stem}.*.pyc"):
+        pyc.unlink()
 EOF
 
 d2_ok() {
