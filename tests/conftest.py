@@ -1,4 +1,5 @@
 """Shared fixtures: a small synthetic dataset registered under test-only names."""
+import importlib.util
 import os
 
 import pytest
@@ -9,7 +10,8 @@ from cmt_cops_d2.data.datasets.register_synthetic import register_all_synthetic_
 from cmt_cops_d2.data.synthetic import SyntheticConfig
 
 TINY = SyntheticConfig(num_train=16, num_val=6, height=64, width=80, seed=3)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +33,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def load_script(path: str):
+    """A repository script (``tools/train_net.py``, ``demo/demo.py``, ...) imported as a module, so that
+    tests can call its ``main``; ``path`` is relative to the repository root."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO_ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,5 +1,4 @@
 """demo/demo.py draws a panoptic prediction over the input image."""
-import importlib.util
 import os
 
 import numpy as np
@@ -7,6 +6,7 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
+from tests.conftest import load_script
 
 from .conftest import CONFIG_DIR
 
@@ -14,9 +14,7 @@ ROOT = os.path.dirname(CONFIG_DIR)
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "demo", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("demo/demo.py")
     return module
 
 

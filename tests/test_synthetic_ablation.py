@@ -1,17 +1,14 @@
 """tools/synthetic_ablation.py: reading a run's result, rows, and the table it prints."""
-import importlib.util
 import json
 import os
 
 import pytest
+from tests.conftest import load_script
 
 from .conftest import CONFIG_DIR
 
 ROOT = os.path.dirname(CONFIG_DIR)
-spec = importlib.util.spec_from_file_location("synthetic_ablation",
-                                              os.path.join(ROOT, "tools", "synthetic_ablation.py"))
-ablation = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ablation)
+ablation = load_script("tools/synthetic_ablation.py")
 
 
 def _metrics(folder, records):

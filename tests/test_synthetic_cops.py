@@ -1,19 +1,17 @@
 """tools/synthetic_cops.py: existing runs and gate-off evaluations are tabulated without training."""
-import importlib.util
 import json
 import os
 import sys
 
 import pytest
+from tests.conftest import load_script
 
 from .conftest import CONFIG_DIR
 from .test_synthetic_ablation import _metrics
 
 ROOT = os.path.dirname(CONFIG_DIR)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-spec = importlib.util.spec_from_file_location("synthetic_cops", os.path.join(ROOT, "tools", "synthetic_cops.py"))
-cops = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cops)
+cops = load_script("tools/synthetic_cops.py")
 
 
 def _run(folder, pq, gate_off_pq):

@@ -39,6 +39,7 @@ from cmt_cops_d2.modeling.cops.amwc_layer import solve_amwc_maps
 from cmt_cops_d2.modeling.cops.heads import centered_to_anchor_slots, edge_valid_mask
 from cmt_cops_d2.modeling.cops.meta_arch import COPS
 from cmt_cops_d2.solvers.graph import edge_maps_to_flat, grid_edges
+from tests.conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data", "cops")
@@ -338,12 +339,7 @@ def test_files_that_are_not_checkpoints_are_named(tmp_path):
 
 
 def _tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_cops_checkpoint",
-                                                  os.path.join(ROOT, "tools", "convert_cops_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("tools/convert_cops_checkpoint.py")
     return module
 
 

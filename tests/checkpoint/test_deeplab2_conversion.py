@@ -2,7 +2,6 @@
 (tools/fixtures/make_deeplab2_fixture.py), converted and loaded into the project's backbone, reproduce
 DeepLab2's endpoints; every variable is accounted for; the CLI writes Detectron2-loadable weights."""
 import functools
-import importlib.util
 import json
 import os
 
@@ -24,6 +23,7 @@ from cmt_cops_d2.checkpoint import (
 from cmt_cops_d2.config import add_axial_resnet_config
 from cmt_cops_d2.modeling.backbone import AxialResNet
 from cmt_cops_d2.modeling.layers import set_inference_shortcuts
+from tests.conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data", "deeplab2")
@@ -211,10 +211,7 @@ class _WithBackbone(nn.Module):
 
 @pytest.mark.parametrize("suffix", [".pth", ".pkl"])
 def test_cli_writes_detectron2_loadable_weights(tmp_path, capsys, suffix):
-    spec = importlib.util.spec_from_file_location(
-        "convert_deeplab2_checkpoint", os.path.join(ROOT, "tools", "convert_deeplab2_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_deeplab2_checkpoint.py")
     output = str(tmp_path / f"maxs_gelu{suffix}")
     cli.main([os.path.join(DATA, "maxs_gelu.tar.gz"), output, "--activation", "gelu"])
     printed = capsys.readouterr().out
@@ -238,10 +235,7 @@ def test_cli_writes_detectron2_loadable_weights(tmp_path, capsys, suffix):
 
 
 def test_cli_checks_the_weights_against_a_config(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location(
-        "convert_deeplab2_checkpoint", os.path.join(ROOT, "tools", "convert_deeplab2_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_deeplab2_checkpoint.py")
     config = os.path.join(ROOT, "configs", "synthetic", "cmt_tiny.yaml")  # STEM_WIDTH 16, 4 heads
     archive = os.path.join(DATA, "maxs_relu.tar.gz")
     with pytest.raises(ValueError, match="shape mismatches"):
@@ -265,10 +259,7 @@ def test_cli_places_stage5_in_the_maxs_decoder(tmp_path, capsys):
 
     from cmt_cops_d2.config import add_cmt_cops_d2_config
 
-    spec = importlib.util.spec_from_file_location(
-        "convert_deeplab2_checkpoint", os.path.join(ROOT, "tools", "convert_deeplab2_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_deeplab2_checkpoint.py")
     _, meta, io = _fixture("maxs_gelu")
     opts = ["MODEL.CMT.TRANSFORMER_DECODER_NAME", "MaXSTransformerDecoder", "MODEL.CMT.STAGE_BLOCKS", "[3, 1]",
             "MODEL.AXIAL_RESNET.OUT_FEATURES", "['res2', 'res3', 'res4']", "MODEL.CMT.NUM_HEADS", "8",

@@ -2,7 +2,6 @@
 can also misbehave: 404, a body shorter than its Content-Length, a corrupt archive, a wrong checksum.
 Used by MODEL.WEIGHTS (training, --eval-only, demo) and by the converters."""
 import hashlib
-import importlib.util
 import os
 
 import pytest
@@ -12,6 +11,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from cmt_cops_d2.checkpoint.download import DownloadError, cached_download, split_sha256
 from cmt_cops_d2.checkpoint.tf_checkpoint import TFCheckpointError
 from cmt_cops_d2.engine import Trainer, load_weights
+from tests.conftest import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data", "deeplab2")
@@ -76,10 +76,7 @@ def test_model_weights_url_failures_name_the_config_value(tiny_synthetic, server
 
 def test_converter_reads_a_url_and_names_it_when_the_archive_is_corrupt(server, tmp_path, capsys):
     handler, url = server
-    spec = importlib.util.spec_from_file_location(
-        "convert_deeplab2_checkpoint", os.path.join(ROOT, "tools", "convert_deeplab2_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_deeplab2_checkpoint.py")
     archive = open(os.path.join(DATA, "maxs_relu.tar.gz"), "rb").read()
     handler.files["/maxs_relu.tar.gz"] = archive
     handler.files["/broken.tar.gz"] = archive[:1000] + bytes(256) + archive[1256:]
@@ -95,10 +92,7 @@ def test_cops_converter_reads_a_url_and_names_it_when_the_file_is_not_a_checkpoi
     import json
 
     handler, url = server
-    spec = importlib.util.spec_from_file_location(
-        "convert_cops_checkpoint", os.path.join(ROOT, "tools", "convert_cops_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_cops_checkpoint.py")
     data = os.path.join(ROOT, "tests", "data", "cops")
     meta = json.load(open(os.path.join(data, "cityscapes_tiny.json")))
     handler.files["/cops.pth"] = open(os.path.join(data, meta["files"]["model"]), "rb").read()

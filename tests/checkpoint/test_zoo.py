@@ -11,6 +11,7 @@ from torch import nn
 
 from cmt_cops_d2.checkpoint.zoo import PRETRAINED, check_weights_file, convert_command
 from cmt_cops_d2.engine import load_weights, setup_cfg
+from tests.conftest import load_script
 
 from .test_download import ROOT
 
@@ -37,12 +38,7 @@ def test_a_missing_pretrained_file_prints_the_command_and_the_command_works(serv
     archive = os.path.join(ROOT, "tests", "data", "deeplab2", "maxs_gelu.tar.gz")
     handler.files["/maxs_gelu_imagenet_22k_1k_224.tar.gz"] = open(archive, "rb").read()
     args[0] = f"{url}/maxs_gelu_imagenet_22k_1k_224.tar.gz"
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "convert_deeplab2_checkpoint", os.path.join(ROOT, "tools", "convert_deeplab2_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_deeplab2_checkpoint.py")
     cli.main(args)
     assert os.path.isfile(path)
     check_weights_file(path)  # now passes

@@ -1,12 +1,12 @@
 """The training / evaluation loop in one process: train, checkpoint, resume, evaluate, eval-only."""
 import argparse
-import importlib.util
 import os
 
 import pytest
 import torch
 
 from cmt_cops_d2.engine import Trainer, setup_cfg
+from tests.conftest import load_script
 
 from ..conftest import CONFIG_DIR
 
@@ -26,9 +26,7 @@ def tiny_cfg(output_dir, *opts):
 
 
 def _load_train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "tools", "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("tools/train_net.py")
     return module
 
 

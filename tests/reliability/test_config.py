@@ -9,6 +9,7 @@ import pytest
 
 from cmt_cops_d2.engine import setup_cfg
 from cmt_cops_d2.solvers import amwc, grid_edges, solve_amwc
+from tests.conftest import load_script
 
 from ..conftest import CONFIG_DIR
 
@@ -23,11 +24,7 @@ def _setup(config, *opts):
 
 
 def _train_net():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "tools", "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("tools/train_net.py")
     return module
 
 

@@ -6,7 +6,6 @@ PNG, an unknown category id, and a corrupt image met during training. The synthe
 itself on load, and its prepare script regenerates missing or truncated files instead of calling the
 copy up to date. (tests/data has the loader's and mappers' other checks.)
 """
-import importlib.util
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from cmt_cops_d2.data.datasets.register_synthetic import (
 )
 from cmt_cops_d2.data.synthetic import SYNTHETIC_CATEGORIES, SyntheticConfig
 from cmt_cops_d2.engine import Trainer
+from tests.conftest import load_script
 
 from ..conftest import CONFIG_DIR
 from ..data.conftest import make_layouts, write_panoptic_dataset
@@ -205,10 +205,7 @@ def test_corrupt_image_stops_training_naming_the_file(tiny_synthetic, tmp_path):
 # ---- the built-in synthetic set --------------------------------------------------------------------
 
 def _prepare_script():
-    spec = importlib.util.spec_from_file_location(
-        "prepare_synthetic_panoptic", os.path.join(ROOT, "datasets", "prepare_synthetic_panoptic.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("datasets/prepare_synthetic_panoptic.py")
     return module
 
 

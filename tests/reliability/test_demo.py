@@ -1,7 +1,6 @@
 """demo/demo.py with bad inputs: an unreadable image is named, skipped, and fails the run at the end
 (exit status 1, with the list of failed files); a missing config, an --input pattern matching nothing
 and an --output folder that cannot be created stop the demo before the model is built (exit status 2)."""
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -9,6 +8,7 @@ import sys
 
 import pytest
 from detectron2.data import DatasetCatalog
+from tests.conftest import load_script
 
 from ..conftest import CONFIG_DIR
 
@@ -18,9 +18,7 @@ OPTS = ["--opts", "DATASETS.TEST", "('tiny_synthetic_val',)", "DATASETS.TRAIN", 
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "demo", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("demo/demo.py")
     return module
 
 

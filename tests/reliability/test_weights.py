@@ -16,6 +16,7 @@ from detectron2.modeling import build_model
 
 from cmt_cops_d2.checkpoint.fit import FitPolicy
 from cmt_cops_d2.engine import Trainer, load_weights, setup_cfg
+from tests.conftest import load_script
 
 from ..conftest import CONFIG_DIR
 from ..engine.test_train_loop import TINY_OPTS, tiny_cfg
@@ -39,11 +40,7 @@ def _cfg(name, *opts):
 
 
 def _train_net():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(ROOT, "tools", "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("tools/train_net.py")
     return module
 
 
@@ -144,11 +141,7 @@ def test_foreign_weights_stop_evaluation_and_training_naming_the_file_and_first_
 
 
 def test_the_demo_refuses_foreign_weights(files, tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(ROOT, "demo", "demo.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("demo/demo.py")
     image = tmp_path / "in.png"
     from PIL import Image
 
@@ -237,12 +230,7 @@ def test_resume_needs_a_full_fit_even_with_weights_partial(tiny_synthetic, tmp_p
 
 
 def test_a_deeplab2_converter_output_loads_into_cmt_deeplab_without_any_key(tiny_synthetic, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "convert_deeplab2_checkpoint", os.path.join(ROOT, "tools", "convert_deeplab2_checkpoint.py"))
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("tools/convert_deeplab2_checkpoint.py")
     widths = ["MODEL.AXIAL_RESNET.DEPTHS", "[3, 4, 6, 3]", "MODEL.AXIAL_RESNET.STEM_WIDTH", "4",
               "MODEL.AXIAL_RESNET.BASE_WIDTH", "4"]
     output = str(tmp_path / "maxs_relu.pth")
