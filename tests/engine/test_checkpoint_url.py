@@ -1,8 +1,5 @@
 """MODEL.WEIGHTS given as a URL: downloaded (to $FVCORE_CACHE) and loaded, here from a local server."""
-import functools
-import http.server
 import os
-import threading
 
 import pytest
 import torch
@@ -13,25 +10,14 @@ from cmt_cops_d2.engine import Trainer
 from .test_train_loop import tiny_cfg
 
 
-@pytest.fixture()
-def server(tmp_path):
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
 def test_weights_from_a_url_are_downloaded_and_loaded(tiny_synthetic, tmp_path, server, monkeypatch):
-    root, url = server
+    handler, url = server
     monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(1)
     source = Trainer.build_model(tiny_cfg(tmp_path / "a"))
-    DetectionCheckpointer(source, save_dir=str(root)).save("model_x")
+    os.makedirs(tmp_path / "www")
+    DetectionCheckpointer(source, save_dir=str(tmp_path / "www")).save("model_x")
+    handler.files["/model_x.pth"] = (tmp_path / "www" / "model_x.pth").read_bytes()
     cfg = tiny_cfg(tmp_path / "b")
     torch.manual_seed(2)
     target = Trainer.build_model(cfg)
