@@ -12,8 +12,11 @@ regions + elliptic instances that occlude each other):
 Reported per size: solve time on one thread (median over ``--repeats``), the energy, the energy and
 time of the plain greedy contraction with stale gains (LPMP behaviour, ``solve_amwc_gaec_stale``) and
 of our contraction without local search, the wall time of a batch of ``--batch`` images on
-``--threads`` threads, and the time of the backward pass: ``--samples`` multiway cuts in a lifted label
-space (absent classes + one label per ground-truth segment, costs perturbed by ``lambda * dL/dz``).
+``--threads`` threads, and the backward pass of the AMWC layer (Algorithm 1) as in full-stage
+training: the layer's forward on float32 costs, the PQ surrogate loss against the instance's ground
+truth, and ``--samples`` lifted multiway cuts perturbed by ``lambda * dL/dZ`` (``lambda ~ U[1, 5000]``),
+solved with the warm start from the forward solution (the layer's default) and from scratch (cold),
+with their energies; then the whole layer's forward and backward wall times with either.
 
 Times are medians, so they exclude the first solve of a size, which also allocates the solver's work
 arrays (kept for later solves, ``cmt_cops_d2.solvers.release_workspaces``); the batch and backward
@@ -31,6 +34,7 @@ import time
 
 import numpy as np
 
+STUFF_AREA = {"coco": 4096.0, "cityscapes": 2048.0}  # paper Sec. 4.1, for the PQ surrogate's size gate
 SIZES = {
     # name: (height, width, num_labels, num_thing_labels, distances, num_instances)
     "coco": (160, 160, 133, 80, (1, 4, 16, 32, 64), 12),
@@ -126,22 +130,68 @@ def make_instance(seed, h, w, num_labels, num_things, distances, num_instances):
     return theta, edges, costs, part, cls, seg
 
 
-def lifted_problem(rng, theta, cls, seg, part, lam):
-    """Lifted label space of the backward pass (COPS Alg. 1): absent classes first (one label each, no
-    perturbation), then one label per ground-truth segment of each present class, perturbed by
-    ``lam * dL/dz`` with a synthetic gradient (negative inside the segment, positive outside)."""
-    N, K = theta.shape
-    cflat = cls.reshape(-1)
-    sflat = seg.reshape(-1)
-    present = np.unique(cflat)
-    absent = np.setdiff1d(np.arange(K), present)
-    cols = [theta[:, absent]]
-    for c in present:
-        for s in np.unique(sflat[cflat == c]):
-            inside = sflat == s
-            grad = np.where(inside, -1.0, 0.2) * 5e-4 * (1.0 + 0.5 * rng.standard_normal(N))
-            cols.append((theta[:, c] + lam * grad)[:, None])
-    return np.ascontiguousarray(np.concatenate(cols, axis=1))
+def backward_problems(theta, edges, costs, part, cls, seg, h, w, stuff_area, seed, samples):
+    """The backward pass of the AMWC layer on one instance, as in full-stage training: the layer's
+    forward (float32 costs, as a network gives them), the PQ surrogate loss against the instance's
+    ground truth (paper thresholds, loss weight 10) and its gradient ``dL/dZ``; then the lifted problems
+    of Algorithm 1 for ``samples`` draws ``lambda ~ U[1, 5000]``. Returns ``(lifted problem,
+    lambdas, layer settings, layer inputs)``."""
+    import torch
+
+    from cmt_cops_d2.modeling.cops.amwc_layer import AMWCSettings, _lifted_space, amwc_layer
+    from cmt_cops_d2.modeling.cops.criterion import loss_slots
+    from cmt_cops_d2.modeling.cops.pq_surrogate import (area_thresholds_from_isthing, pool_pq_sums,
+                                                        pq_sums_single_image, pq_surrogate_loss)
+    from cmt_cops_d2.solvers.mwc import label_margins, prepare_lifted_problem
+
+    K = theta.shape[1]
+    rng = np.random.default_rng(seed)
+    lambdas = rng.uniform(1.0, 5000.0, size=samples)
+    node = torch.tensor(np.ascontiguousarray(theta.T).reshape(1, K, h, w), dtype=torch.float32, requires_grad=True)
+    edge = torch.tensor(costs[None], dtype=torch.float32, requires_grad=True)
+    _, gt_seg = np.unique(seg, return_inverse=True)
+    gt_seg = gt_seg.reshape(-1)
+    gt_cls = np.zeros(gt_seg.max() + 1, np.int64)
+    gt_cls[gt_seg] = cls.reshape(-1)
+    gt_masks = torch.from_numpy(gt_seg.reshape(h, w))[None] == torch.arange(gt_cls.size)[:, None, None]
+    thresholds = area_thresholds_from_isthing(part, 200.0, stuff_area, 4, dtype=torch.float32)
+
+    def loss_of(out):
+        keep = torch.from_numpy(loss_slots(out.segment_classes[0].numpy(), out.segment_is_pred[0].numpy(), gt_cls))
+        sums = pq_sums_single_image(out.segments[0, keep], out.segment_classes[0, keep], gt_masks,
+                                    torch.from_numpy(gt_cls), torch.ones(h, w), part, area_thresholds=thresholds)
+        return pq_surrogate_loss(pool_pq_sums([sums]), weight=10.0)
+
+    def layer(backward_solver):
+        settings = AMWCSettings(lambdas=lambdas, num_threads=1, backward_solver=backward_solver)
+        return amwc_layer(node, edge, edges, part, extra_slot_classes=[gt_cls], settings=settings)
+
+    out = layer("warm")
+    grad = torch.autograd.grad(loss_of(out), [out.segments])[0][0].reshape(out.segments.shape[1], -1).numpy()
+    seg_cls, seg_pred = out.segment_classes[0].numpy(), out.segment_is_pred[0].numpy()
+    grad = np.where((seg_cls >= 0)[:, None], grad, 0.0).astype(np.float32)
+    theta64 = np.ascontiguousarray(node.detach().double().reshape(K, -1).T.numpy())
+    c64 = edge.detach().double()[0].numpy()
+    m, slot = _lifted_space(grad, seg_cls, seg_pred, K)
+    label_of_slot = np.full(grad.shape[0], -1, np.int64)
+    label_of_slot[slot[slot >= 0]] = np.flatnonzero(slot >= 0)
+    z0 = label_of_slot[out.segments[0].detach().reshape(grad.shape[0], -1).argmax(0).numpy()]
+    labels = out.labels[0].reshape(-1).numpy()
+    problem = (theta64, m, slot, grad, z0, label_margins(theta64, labels), edges, c64)
+    return problem, lambdas, layer, loss_of, prepare_lifted_problem
+
+
+def lifted_costs(problem, lam):
+    """The ``(N, J)`` costs ``theta[v, m[l]] + lam * grad[slot[l], v]`` of one sample, built in numpy."""
+    theta, m, slot, grad = problem[:4]
+    delta = np.where(slot >= 0, grad[np.maximum(slot, 0)].astype(np.float64).T, 0.0)
+    return np.ascontiguousarray(theta[:, m] + lam * delta)
+
+
+def torch_grad(loss, tensor):
+    import torch
+
+    return torch.autograd.grad(loss, [tensor], retain_graph=True)[0]
 
 
 def _median_time(fn, repeats):
@@ -193,20 +243,44 @@ def run(sizes, repeats, threads, batch, samples, seed):
         solve_amwc_batch(plist, num_threads=threads)  # untimed: work arrays for every thread
         t_b1, _ = _median_time(lambda: solve_amwc_batch(plist, num_threads=1), max(1, repeats // 2))
         t_bn, res = _median_time(lambda: solve_amwc_batch(plist, num_threads=threads), max(1, repeats // 2))
-        # backward: `samples` MWC solves on the lifted space, lambda ~ U[1, 5000]
-        rng = np.random.default_rng(seed)
-        lifted = [lifted_problem(rng, theta, cls, seg, part, rng.uniform(1.0, 5000.0)) for _ in range(samples)]
+        # backward of the AMWC layer (Algorithm 1): `samples` lifted MWC problems
+        from cmt_cops_d2.solvers import solve_lifted_mwc_warm, solve_mwc_warm
 
-        def backward():
-            return [solve_mwc(tl, edges, costs) for tl in lifted]
+        problem, lambdas, layer, loss_of, prepare = backward_problems(
+            theta, edges, costs, part, cls, seg, h, w, STUFF_AREA[name], seed, samples)
+        theta64, _, _, _, z0, margins, _, c64 = problem
 
-        solve_mwc(lifted[0], edges, costs)  # untimed: work arrays sized for the lifted label space
+        def warm_backward():
+            lp = prepare(*problem)
+            return [solve_lifted_mwc_warm(lp, lam) for lam in lambdas]
 
-        t_bw, _ = _median_time(backward, max(1, repeats // 2))
+        warm_backward()  # untimed: work arrays sized for the lifted label space
+        t_warm, warm = _median_time(warm_backward, max(1, repeats // 2))
+        dense = [lifted_costs(problem, lam) for lam in lambdas]
+        solve_mwc(dense[0], edges, c64)
+        t_cold, cold = _median_time(lambda: [solve_mwc(tl, edges, c64) for tl in dense], max(1, repeats // 2))
+        e_warm = np.array([e for _, e in warm])
+        e_cold = np.array([e for _, e in cold])
+        e_check = np.array([solve_mwc_warm(tl, edges, c64, z0, margins)[1] for tl in dense])
+        t_fwd64, _ = _median_time(lambda: solve_amwc(theta64, edges, c64, part), repeats)
+        # the whole layer (conversions, segments, gradient assembly) with the warm and the cold backward
+        layer_times = {}
+        for solver in ("warm", "cold"):
+            t0 = time.perf_counter()
+            out = layer(solver)
+            t1 = time.perf_counter()
+            loss = loss_of(out)
+            g = torch_grad(loss, out.segments)
+            t2 = time.perf_counter()
+            out.segments.backward(g)
+            layer_times[solver] = (t1 - t0, time.perf_counter() - t2)
         gt_segments = len(np.unique(seg))
         ncl = int(cid.max()) + 1
+        J = problem[1].shape[0]
+        rel = (e_warm - e_cold) / np.abs(e_cold)
         rows.append((name, t_ours, t_gaec, t_stale, e_ours, e_gaec, e_stale, better, len(probs),
-                     float(np.mean(diffs)), t_b1, t_bn, t_bw, lifted[0].shape[1], ncl, gt_segments))
+                     float(np.mean(diffs)), t_b1, t_bn, t_warm, t_fwd64, t_cold, rel, layer_times, J, ncl,
+                     gt_segments))
         print(f"  ours (GAEC exact + local search): {t_ours * 1e3:8.1f} ms   energy {e_ours:14.2f}   "
               f"clusters {ncl} (ground truth {gt_segments} segments)")
         print(f"  ours, contraction only          : {t_gaec * 1e3:8.1f} ms   energy {e_gaec:14.2f}")
@@ -214,23 +288,32 @@ def run(sizes, repeats, threads, batch, samples, seed):
         print(f"  ours <= stale on {better}/{len(probs)} images, mean energy difference {np.mean(diffs):.2f}")
         print(f"  batch of {len(plist)}: 1 thread {t_b1 * 1e3:.1f} ms, {threads} threads {t_bn * 1e3:.1f} ms "
               f"(speed-up {t_b1 / t_bn:.2f}x)")
-        print(f"  backward: {samples} x MWC with J={lifted[0].shape[1]} lifted labels: {t_bw * 1e3:.1f} ms "
-              f"= {t_bw / t_ours:.2f}x forward")
+        print(f"  backward ({samples} lambdas, J={J} lifted labels, {problem[3].shape[0]} slots): warm start "
+              f"{t_warm * 1e3:.1f} ms = {t_warm / t_fwd64:.2f}x the forward solve ({t_fwd64 * 1e3:.1f} ms on the "
+              f"same costs), cold {t_cold * 1e3:.1f} ms = {t_cold / t_fwd64:.2f}x")
+        print(f"  warm - cold energy per sample (relative): {', '.join(f'{r * 100:+.3f}%' for r in rel)}; "
+              f"warm equals solve_mwc_warm on the built costs: {bool(np.allclose(e_warm, e_check, rtol=1e-9))}")
+        for solver, (tf, tb) in layer_times.items():
+            print(f"  whole layer, {solver} backward: forward {tf * 1e3:.0f} ms, backward {tb * 1e3:.0f} ms "
+                  f"({tb / tf:.2f}x)")
 
     print("\nSummary (times in ms, single thread unless noted; energies: lower is better)")
     hdr = (f"{'size':<11}{'ours':>8}{'GAEC':>8}{'stale':>8}{'E ours':>14}{'E GAEC':>14}{'E stale':>14}"
-           f"{'ours<=stale':>12}{'batch1T':>9}{'batchNT':>9}{'bwd':>9}{'bwd/fwd':>8}{'ours/stale':>11}"
-           f"{'1T/NT':>7}")
+           f"{'ours<=stale':>12}{'batch1T':>9}{'batchNT':>9}{'bwd':>9}{'bwd/fwd':>8}{'cold/fwd':>9}"
+           f"{'warm<=cold':>11}{'ours/stale':>11}{'1T/NT':>7}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        (name, t_o, t_g, t_s, e_o, e_g, e_s, bt, nb, _, t_b1, t_bn, t_bw, _, _, _) = r
+        (name, t_o, t_g, t_s, e_o, e_g, e_s, bt, nb, _, t_b1, t_bn, t_w, t_f, t_c, rel, _, _, _, _) = r
         print(f"{name:<11}{t_o * 1e3:8.1f}{t_g * 1e3:8.1f}{t_s * 1e3:8.1f}{e_o:14.1f}{e_g:14.1f}{e_s:14.1f}"
-              f"{f'{bt}/{nb}':>12}{t_b1 * 1e3:9.1f}{t_bn * 1e3:9.1f}{t_bw * 1e3:9.1f}{t_bw / t_o:8.2f}"
-              f"{t_o / t_s:11.2f}{t_b1 / t_bn:7.2f}")
+              f"{f'{bt}/{nb}':>12}{t_b1 * 1e3:9.1f}{t_bn * 1e3:9.1f}{t_w * 1e3:9.1f}{t_w / t_f:8.2f}"
+              f"{t_c / t_f:9.2f}{f'{int((rel <= 1e-12).sum())}/{rel.size}':>11}{t_o / t_s:11.2f}{t_b1 / t_bn:7.2f}")
     print("ratios, measured in this run: ours/stale = our forward's time over the shipped stale-gain GAEC "
           "baseline's (solvers/reference.py, LPMP's labels and energies on COCO instances); 1T/NT = the "
-          "batch's speed-up from 1 thread to --threads; bwd/fwd = the backward's time over the forward's")
+          "batch's speed-up from 1 thread to --threads; bwd/fwd = the backward's solves (Algorithm 1, warm "
+          "start: per-image preparation + one solve per lambda) over the forward solve on the same costs; "
+          "cold/fwd = the same with every lifted MWC solved from scratch; warm<=cold = samples where the "
+          "warm start's energy is at most the cold solve's")
     return rows
 
 

@@ -3,6 +3,8 @@
 * ``solve_amwc`` / ``solve_amwc_batch``: asymmetric multiway cut (forward pass, COPS eq. 2);
   ``release_workspaces`` frees the work arrays kept between solves;
 * ``solve_mwc`` / ``solve_mwc_batch``: multiway cut on the lifted label space (backward, Algorithm 1);
+  ``solve_mwc_warm`` / ``solve_lifted_mwc_warm``: the same started from the forward solution (the
+  layer's default backward);
 * grid helpers (``grid_edges`` and the edge-map <-> flat-edge conversions, anchor convention);
 * ``checks``: an independent feasibility checker, energy functions and brute force for tests;
 * ``reference.solve_amwc_gaec_stale``: the LPMP-like stale-gain baseline (benchmarks only).
@@ -16,7 +18,7 @@ from .graph import (
     grid_edge_valid_mask,
     grid_edges,
 )
-from .mwc import solve_mwc, solve_mwc_batch
+from .mwc import solve_lifted_mwc_warm, solve_mwc, solve_mwc_batch, solve_mwc_warm
 
 __all__ = [
     "solve_amwc",
@@ -24,6 +26,8 @@ __all__ = [
     "release_workspaces",
     "solve_mwc",
     "solve_mwc_batch",
+    "solve_mwc_warm",
+    "solve_lifted_mwc_warm",
     "grid_edges",
     "grid_edge_counts",
     "grid_edge_slots",

@@ -878,7 +878,7 @@ def refine_clusters(theta0, csum, crow, x, part, E32, E64, root, max_passes, tol
 
 
 @njit(cache=True, nogil=True)
-def refine_nodes(theta0, tmin, part, ptr, nbr, eid, costs, x, cid, max_passes, tol):
+def refine_nodes(theta0, tmin, part, ptr, nbr, eid, costs, x, cid, active, max_passes, tol):
     """ICM over nodes. ``x`` (labels) and ``cid`` (instance id of thing nodes, -1 for stuff nodes,
     ids < N) are updated in place; half-edge ``s`` of the CSR ``ptr``/``nbr``/``eid`` costs
     ``costs[eid[s]]``; ``tmin[v] = min_l theta0[v, l]`` (a singleton move can only help if
@@ -886,8 +886,8 @@ def refine_nodes(theta0, tmin, part, ptr, nbr, eid, costs, x, cid, max_passes, t
 
     A node may join a neighbouring instance or stuff region (all edges to it become uncut), or start a
     singleton with its best thing label / its best label if that is a stuff label no neighbour has.
-    The first sweep visits every node, later sweeps only the neighbours of nodes that moved. Returns
-    the number of moves.
+    The first sweep visits the nodes with ``active[v] != 0`` (uint8, overwritten), later sweeps only the
+    neighbours of nodes that moved. Returns the number of moves.
     """
     N = theta0.shape[0]
     K = theta0.shape[1]
@@ -915,7 +915,6 @@ def refine_nodes(theta0, tmin, part, ptr, nbr, eid, costs, x, cid, max_passes, t
     kk = np.empty(N, np.int64)
     for v in range(N):
         kk[v] = x[v] if cid[v] < 0 else K + cid[v]
-    active = np.ones(N, np.uint8)
     nxt = np.zeros(N, np.uint8)
     token = 0
     total = 0
@@ -1106,6 +1105,6 @@ def solve_kernel_ws(theta0, edges, costs, part, cluster_passes, node_passes, tol
         xn[v] = x[r]
         cid[v] = r if part[x[r]] else -1
     if node_passes > 0:
-        refine_nodes(theta0, tmin, part, ptr, nbr, eid, gw0, xn, cid, node_passes, tol)
+        refine_nodes(theta0, tmin, part, ptr, nbr, eid, gw0, xn, cid, np.ones(N, np.uint8), node_passes, tol)
     out, energy = finalize(theta0, part, edges, costs, xn, cid)
     return xn, out, energy, merges

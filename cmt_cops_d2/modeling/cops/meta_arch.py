@@ -280,9 +280,11 @@ class COPS(nn.Module):
             # lambdas from a generator seeded by torch's seed (Detectron2 seeds it per process).
             return AMWCSettings(num_samples=int(c.NUM_LAMBDA_SAMPLES), lambda_min=c.LAMBDA_MIN,
                                 lambda_max=c.LAMBDA_MAX, num_threads=int(c.SOLVER_THREADS) or None,
-                                seed=torch.initial_seed())
+                                seed=torch.initial_seed(), backward_solver=c.BACKWARD_SOLVER,
+                                warm_rounds=c.BACKWARD_WARM_ROUNDS)
         except ValueError as e:
-            raise ValueError(f"MODEL.COPS.LAMBDA_MIN / LAMBDA_MAX / NUM_LAMBDA_SAMPLES: {e}") from None
+            raise ValueError(f"MODEL.COPS.LAMBDA_MIN / LAMBDA_MAX / NUM_LAMBDA_SAMPLES / BACKWARD_SOLVER / "
+                             f"BACKWARD_WARM_ROUNDS: {e}") from None
 
     @property
     def device(self):

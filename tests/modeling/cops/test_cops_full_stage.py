@@ -176,10 +176,19 @@ def test_per_stage_learning_rates(cfg):
     (("MODEL.COPS.FULL_LR_MULTIPLIERS", "[1.0]"), "MODEL.COPS.FULL_LR_MULTIPLIERS"),
     (("MODEL.COPS.LAMBDA_MIN", "10.0", "MODEL.COPS.LAMBDA_MAX", "1.0"), "MODEL.COPS.LAMBDA_MIN"),
     (("MODEL.COPS.COST_DROPOUT", "1.0"), "MODEL.COPS.COST_DROPOUT"),
+    (("MODEL.COPS.BACKWARD_SOLVER", "lpmp"), "MODEL.COPS.+BACKWARD_SOLVER.+'warm' or 'cold'"),
+    (("MODEL.COPS.BACKWARD_WARM_ROUNDS", "0"), "MODEL.COPS.+BACKWARD_WARM_ROUNDS.+positive integer"),
 ])
 def test_bad_config_raises_naming_the_key(tiny_synthetic, opts, match):
-    with pytest.raises(ValueError, match=match.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=match if ".+" in match else match.replace(".", r"\.")):
         build_model(full_cfg(*opts))
+
+
+def test_backward_solver_settings_come_from_the_config(tiny_synthetic):
+    default = build_model(full_cfg()).criterion.amwc_settings
+    assert (default.backward_solver, default.warm_rounds) == ("warm", 1)
+    cold = build_model(full_cfg("MODEL.COPS.BACKWARD_SOLVER", "cold", "MODEL.COPS.BACKWARD_WARM_ROUNDS", "2"))
+    assert (cold.criterion.amwc_settings.backward_solver, cold.criterion.amwc_settings.warm_rounds) == ("cold", 2)
 
 
 def test_all_void_images(cfg, batch):
