@@ -18,8 +18,9 @@ singletons again; the warm start keeps what the perturbation cannot have changed
    solved by the full pipeline of ``_core.solve_kernel`` (greedy contraction with exact gains, cluster
    and node ICM) with every label non-partitionable.
 4. **Expanded** to the nodes and improved by node ICM on the original graph (``icm_mwc``, the MWC case
-   of ``_core.refine_nodes``), started from the nodes that are free or changed label and their
-   neighbours.
+   of ``_core.refine_nodes``), started from the free nodes and the relabelled nodes with their
+   neighbours (the neighbours of a free node that kept its label see no change but their own
+   perturbation, which did not push them).
 
 Further rounds (``rounds > 1``) repeat 2-4 from the previous labels ``x`` with the connected components
 of equal key ``x_v`` (fixed nodes) / ``(x_v, argmin)`` (free nodes) as clusters. 5. The energy is
@@ -90,6 +91,17 @@ def components_by_key(edges, key):
             M += 1
         comp[v] = newid[r]
     return comp, M
+
+
+@njit(cache=True, nogil=True)
+def half_edges(N, edges, costs):
+    """Incidence CSR with the cost next to each half-edge: ``(ptr, nbr, hcost)``, node ``v``'s neighbours
+    ``nbr[ptr[v]:ptr[v + 1]]`` and the costs of those edges (read in order by the node ICM)."""
+    ptr, nbr, eid = incidence_csr(N, edges)
+    hcost = np.empty(eid.shape[0], np.float64)
+    for s in range(eid.shape[0]):
+        hcost[s] = costs[eid[s]]
+    return ptr, nbr, hcost
 
 
 @njit(cache=True, nogil=True)
@@ -196,7 +208,7 @@ def energy_of(out, have, src, edges, costs, x):
 
 
 @njit(cache=True, nogil=True)
-def energy_from(out, have, src, ptr, nbr, eid, costs, z0, e_z0, x):
+def energy_from(out, have, src, ptr, nbr, hcost, z0, e_z0, x):
     """Energy of ``x`` from the energy ``e_z0`` of ``z0``: only the nodes that changed label and their
     edges are visited."""
     N = x.shape[0]
@@ -209,12 +221,12 @@ def energy_from(out, have, src, ptr, nbr, eid, costs, z0, e_z0, x):
             w = nbr[s]
             if x[w] != z0[w] and w < v:
                 continue  # counted from w
-            e += costs[eid[s]] * ((1.0 if x[v] != x[w] else 0.0) - (1.0 if z0[v] != z0[w] else 0.0))
+            e += hcost[s] * ((1.0 if x[v] != x[w] else 0.0) - (1.0 if z0[v] != z0[w] else 0.0))
     return e
 
 
 @njit(cache=True, nogil=True)
-def icm_mwc(out, have, src, tmin, ptr, nbr, eid, costs, x, active, max_passes, tol):
+def icm_mwc(out, have, src, tmin, ptr, nbr, hcost, x, active, max_passes, tol):
     """Node ICM of ``_core.refine_nodes`` for a multiway cut (every label non-partitionable, so a node's
     segment is its label): a node takes a neighbour's label, or its cheapest label if no neighbour has
     it, when that lowers the energy by more than ``tol``. Visits the nodes with ``active[v] != 0``
@@ -246,14 +258,14 @@ def icm_mwc(out, have, src, tmin, ptr, nbr, eid, costs, x, active, max_passes, t
             for s in range(ptr[v], ptr[v + 1]):
                 k = x[nbr[s]]
                 if k == xv:
-                    scur += costs[eid[s]]
+                    scur += hcost[s]
                     continue
                 if stamp[k] != token:
                     stamp[k] = token
                     acc[k] = 0.0
                     touched[nt] = k
                     nt += 1
-                acc[k] += costs[eid[s]]
+                acc[k] += hcost[s]
             base = _cost(v, xv, out, have, src) - scur
             best = -tol
             bl = -1
@@ -312,10 +324,10 @@ def initial_clusters(edges, z0, seg, n_seg, free, best, J):
 
 
 @njit(cache=True, nogil=True)
-def _round(out, have, src, tmin, edges, costs, x, comp, M, tc, free, ptr, nbr, eid, cluster_passes, node_passes,
+def _round(out, have, src, tmin, edges, costs, x, comp, M, tc, free, ptr, nbr, hcost, cluster_passes, node_passes,
            tol):
     """Steps 3-4: solve the problem contracted to ``comp`` (summed rows ``tc``), expand, node ICM from
-    the free and relabelled nodes and their neighbours. Returns the new labels."""
+    the free nodes and the relabelled nodes with their neighbours. Returns the new labels."""
     N = x.shape[0]
     part = np.zeros(out.shape[1], np.bool_)
     ue, uw = contracted_edges(edges, costs, comp, M)
@@ -326,16 +338,18 @@ def _round(out, have, src, tmin, edges, costs, x, comp, M, tc, free, ptr, nbr, e
     if node_passes > 0:
         active = np.zeros(N, np.uint8)
         for v in range(N):
-            if free[v] != 0 or xn[v] != x[v]:
+            if xn[v] != x[v]:
                 active[v] = 1
                 for s in range(ptr[v], ptr[v + 1]):
                     active[nbr[s]] = 1
-        icm_mwc(out, have, src, tmin, ptr, nbr, eid, costs, xn, active, node_passes, tol)
+            elif free[v] != 0:
+                active[v] = 1
+        icm_mwc(out, have, src, tmin, ptr, nbr, hcost, xn, active, node_passes, tol)
     return xn
 
 
 @njit(cache=True, nogil=True)
-def _finish(out, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, eid, rounds, cluster_passes,
+def _finish(out, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost, rounds, cluster_passes,
             node_passes, tol):
     """Rounds 2.. (clusters: components of equal ``x`` / ``(x, best)``; every row built) and step 5
     (``e_z0`` the energy of ``z0``)."""
@@ -350,8 +364,8 @@ def _finish(out, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nb
                 key[v] = x[v] * J + (best[v] if free[v] != 0 else x[v])
             comp, M = components_by_key(edges, key)
             x = _round(out, have, src, tmin, edges, costs, x, comp, M, row_sums(out, comp, M), free, ptr, nbr,
-                       eid, cluster_passes, node_passes, tol)
-    energy = energy_from(out, have, src, ptr, nbr, eid, costs, z0, e_z0, x)
+                       hcost, cluster_passes, node_passes, tol)
+    energy = energy_from(out, have, src, ptr, nbr, hcost, z0, e_z0, x)
     if e_z0 <= energy:
         return z0.copy(), e_z0
     return x, energy
@@ -383,11 +397,11 @@ def warm_mwc_kernel(theta, edges, costs, z0, margin0, rounds, cluster_passes, no
     dummy = np.zeros((1, 1), np.float64)
     empty = np.zeros(0, np.int64)
     src = (dummy, empty, empty, empty, empty, dummy, 0.0)
-    ptr, nbr, eid = incidence_csr(N, edges)
-    x = _round(theta, have, src, tmin, edges, costs, z0, comp, M, row_sums(theta, comp, M), free, ptr, nbr, eid,
+    ptr, nbr, hcost = half_edges(N, edges, costs)
+    x = _round(theta, have, src, tmin, edges, costs, z0, comp, M, row_sums(theta, comp, M), free, ptr, nbr, hcost,
                cluster_passes, node_passes, tol)
     e_z0 = energy_of(theta, have, src, edges, costs, z0)
-    x, energy = _finish(theta, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, eid, rounds,
+    x, energy = _finish(theta, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost, rounds,
                         cluster_passes, node_passes, tol)
     return x, energy, nfree, M
 
@@ -404,7 +418,7 @@ def lifted_prepare(theta, m, grad, slot, z0, edges, costs):
     ``g_own[v]`` the gradient of ``v``'s own label ``z0_v`` and ``g_min[v]`` the smallest over the
     lifted labels (0 for labels without a slot), ``t_min[v]`` the smallest class cost, the forward
     segments ``seg`` (components of equal ``z0``), their number, their summed class costs ``seg_theta``
-    (n_seg, K) and gradients ``seg_grad`` (n_seg, S), the incidence CSR ``(ptr, nbr, eid)`` of the
+    (n_seg, K) and gradients ``seg_grad`` (n_seg, S), the half-edges ``(ptr, nbr, hcost)`` of the
     edges, and the energy of ``z0`` as ``e_class + lambda * g_own_sum``."""
     N, K = theta.shape
     S = grad.shape[0]
@@ -449,8 +463,8 @@ def lifted_prepare(theta, m, grad, slot, z0, edges, costs):
     for e in range(edges.shape[0]):
         if z0[edges[e, 0]] != z0[edges[e, 1]]:
             e_class += costs[e]
-    ptr, nbr, eid = incidence_csr(N, edges)
-    return grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, eid, e_class, g_own_sum
+    ptr, nbr, hcost = half_edges(N, edges, costs)
+    return grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, hcost, e_class, g_own_sum
 
 
 @njit(cache=True, nogil=True)
@@ -460,7 +474,7 @@ def lifted_sample(theta, m, slot, lam, z0, margin0, prepared, edges, costs, roun
     grad[slot[l], v]`` started from ``z0`` (module doc), ``prepared`` from ``lifted_prepare``, ``out``
     an ``(N, J)`` work array (content irrelevant). Returns ``(labels, energy, free nodes, initial
     clusters, built rows)``."""
-    grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, eid, e_class, g_own_sum = prepared
+    grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, hcost, e_class, g_own_sum = prepared
     N = theta.shape[0]
     J = m.shape[0]
     has = np.flatnonzero(slot >= 0)
@@ -496,10 +510,10 @@ def lifted_sample(theta, m, slot, lam, z0, margin0, prepared, edges, costs, roun
             for l in range(J):
                 tc[a, l] -= o[l]
                 tc[b, l] += o[l]
-    x = _round(out, have, src, tmin, edges, costs, z0, comp, M, tc, free, ptr, nbr, eid, cluster_passes,
+    x = _round(out, have, src, tmin, edges, costs, z0, comp, M, tc, free, ptr, nbr, hcost, cluster_passes,
                node_passes, tol)
     e_z0 = e_class + lam * g_own_sum  # energy of z0 on this sample's costs
-    x, energy = _finish(out, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, eid, rounds,
+    x, energy = _finish(out, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost, rounds,
                         cluster_passes, node_passes, tol)
     nrows = 0
     for v in range(N):
