@@ -71,10 +71,10 @@ Choices where the paper is silent (or differs from the public code)
   scratch with LPMP): ``backward_solver="warm"`` (default) starts every problem from the forward
   solution lifted to the label space (each pixel the label of its slot; ``solvers.solve_mwc_warm``):
   the forward segments stay clusters except where the perturbation pushes pixels away from their label
-  (more than it pushed them in the forward problem), the contracted problem is solved as ``solve_mwc``
-  does, then node ICM. On the layer's problems it is 3-4x faster than a cold solve and its energy is
+  (their label lost ground to their cheapest one), the contracted problem is solved as ``solve_mwc``
+  does, then node ICM. On the layer's problems it is 4-7x faster than a cold solve and its energy is
   lower on most samples (up to ~9%: a cold contraction on the lifted space, whose labels of one class
-  tie, often ends worse) and at most ~0.1% higher on the others (``tools/benchmark_amwc.py``,
+  tie, often ends worse) and at most ~0.3% higher on the others (``tools/benchmark_amwc.py``,
   ``tests/solvers/test_warm.py``). It returns the forward solution unless it finds a strictly cheaper
   labelling, so a perturbation too small to matter gives zero gradient, where a cold solve can differ
   from the forward solution for any ``lambda``. ``"cold"``: ``solve_mwc`` from scratch.
