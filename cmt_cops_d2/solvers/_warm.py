@@ -29,8 +29,8 @@ labelling.
 
 **Lifted problems of the layer** (``lifted_prepare`` once per image, ``lifted_sample`` per ``lambda``).
 The costs ``theta[v, m[l]] + lambda * G[v, slot[l]]`` (``G`` the incoming gradient ``dL/dZ``, 0 for
-labels without a slot) are never built as a whole: a node's row is written into the ``(N, J)`` work
-array only when something reads it (``have[v]``). Step 1 needs no row for most nodes: with ``G_z0[v]``
+labels without a slot) are never built as a whole: a node's row is built (and stored in a growing
+array) only when something reads the whole row. Step 1 needs no row for most nodes: with ``G_z0[v]``
 the gradient of ``v``'s own label and ``G_min[v]`` the smallest gradient over the labels (both fixed
 per image), ``theta[v, z0] - min_l theta[v, l] <= margin0[v] + lambda (G_z0[v] - G_min[v])``, so ``v`` is
 certainly fixed when ``lambda (G_z0[v] - G_min[v]) <= tol`` (the usual case: a pixel whose segment the
@@ -106,10 +106,10 @@ def half_edges(N, edges, costs):
 
 @njit(cache=True, nogil=True)
 def row_sums(theta, comp, M):
-    """Summed cost rows ``(M, J)`` of the clusters ``comp``."""
+    """Summed cost rows ``(M, J)`` of the clusters ``comp`` (row ``v`` of ``theta`` for node ``v``)."""
     J = theta.shape[1]
     tc = np.zeros((M, J), np.float64)
-    for v in range(theta.shape[0]):
+    for v in range(comp.shape[0]):
         r = comp[v]
         for l in range(J):
             tc[r, l] += theta[v, l]
@@ -139,23 +139,32 @@ def contracted_edges(edges, costs, comp, M):
 
 
 @njit(cache=True, nogil=True)
-def _cost(v, l, out, have, src):
-    """``theta_lifted[v, l]``: from the built row, else from ``src = (theta, m, slot, has, has_slot,
-    grad_t, lam)``."""
-    if have[v] != 0:
-        return out[v, l]
+def _cost(v, l, rows, row_of, src):
+    """``theta_lifted[v, l]``: from the built row ``rows[row_of[v]]``, else from ``src = (theta, m, slot,
+    has, has_slot, grad_t, lam)``."""
+    r = row_of[v]
+    if r >= 0:
+        return rows[r, l]
     theta, m, slot, _, _, grad_t, lam = src
     s = slot[l]
     return theta[v, m[l]] + lam * grad_t[v, s] if s >= 0 else theta[v, m[l]]
 
 
 @njit(cache=True, nogil=True)
-def _ensure_row(v, out, have, tmin, src):
-    """Build row ``v`` of the lifted costs (and ``tmin[v]``, its smallest entry) unless it is built."""
-    if have[v] != 0:
-        return
+def _ensure_row(v, rows, row_of, count, tmin, src):
+    """Build the row of node ``v`` of the lifted costs (and ``tmin[v]``, its smallest entry) unless it is
+    built: rows are stored one after the other in ``rows`` (``count[0]`` used), which grows by doubling.
+    Returns ``rows`` (a new array when it grew)."""
+    if row_of[v] >= 0:
+        return rows
+    if count[0] == rows.shape[0]:
+        grown = np.empty((2 * rows.shape[0] + 16, rows.shape[1]), np.float64)
+        grown[: count[0]] = rows[: count[0]]
+        rows = grown
+    row_of[v] = count[0]
+    count[0] += 1
     theta, m, _, has, has_slot, grad_t, lam = src
-    o = out[v]
+    o = rows[row_of[v]]
     th = theta[v]
     gr = grad_t[v]
     J = m.shape[0]
@@ -167,7 +176,7 @@ def _ensure_row(v, out, have, tmin, src):
     for l in range(1, J):
         t = min(t, o[l])
     tmin[v] = t
-    have[v] = 1
+    return rows
 
 
 @njit(cache=True, nogil=True)
@@ -196,11 +205,11 @@ def _first_min(o, t):
 
 
 @njit(cache=True, nogil=True)
-def energy_of(out, have, src, edges, costs, x):
+def energy_of(rows, row_of, src, edges, costs, x):
     """``sum_v theta[v, x_v] + sum_e costs[e] [x_u != x_v]`` (rows not built are read from ``src``)."""
     e = 0.0
     for v in range(x.shape[0]):
-        e += _cost(v, x[v], out, have, src)
+        e += _cost(v, x[v], rows, row_of, src)
     for i in range(edges.shape[0]):
         if x[edges[i, 0]] != x[edges[i, 1]]:
             e += costs[i]
@@ -208,7 +217,7 @@ def energy_of(out, have, src, edges, costs, x):
 
 
 @njit(cache=True, nogil=True)
-def energy_from(out, have, src, ptr, nbr, hcost, z0, e_z0, x):
+def energy_from(rows, row_of, src, ptr, nbr, hcost, z0, e_z0, x):
     """Energy of ``x`` from the energy ``e_z0`` of ``z0``: only the nodes that changed label and their
     edges are visited."""
     N = x.shape[0]
@@ -216,7 +225,7 @@ def energy_from(out, have, src, ptr, nbr, hcost, z0, e_z0, x):
     for v in range(N):
         if x[v] == z0[v]:
             continue
-        e += _cost(v, x[v], out, have, src) - _cost(v, z0[v], out, have, src)
+        e += _cost(v, x[v], rows, row_of, src) - _cost(v, z0[v], rows, row_of, src)
         for s in range(ptr[v], ptr[v + 1]):
             w = nbr[s]
             if x[w] != z0[w] and w < v:
@@ -226,16 +235,16 @@ def energy_from(out, have, src, ptr, nbr, hcost, z0, e_z0, x):
 
 
 @njit(cache=True, nogil=True)
-def icm_mwc(out, have, src, tmin, ptr, nbr, hcost, x, active, max_passes, tol):
+def icm_mwc(rows, row_of, count, src, tmin, ptr, nbr, hcost, x, active, max_passes, tol):
     """Node ICM of ``_core.refine_nodes`` for a multiway cut (every label non-partitionable, so a node's
     segment is its label): a node takes a neighbour's label, or its cheapest label if no neighbour has
     it, when that lowers the energy by more than ``tol``. Visits the nodes with ``active[v] != 0``
     first, then the neighbours of the nodes that moved. ``tmin[v]`` is the smallest cost of ``v`` or a
-    lower bound of it where the row is not built (``have[v] == 0``): entries are read one by one, and
+    lower bound of it where the row is not built (``row_of[v] < 0``): entries are read one by one, and
     a row is built only when the bound lets the cheapest label compete (then the exact check decides,
-    so the moves are those made with every row built). Returns the number of moves."""
+    so the moves are those made with every row built). Returns the number of moves and ``rows``."""
     N = x.shape[0]
-    J = out.shape[1]
+    J = rows.shape[1]
     acc = np.zeros(J, np.float64)
     stamp = np.zeros(J, np.int64)
     maxdeg = 0
@@ -266,19 +275,19 @@ def icm_mwc(out, have, src, tmin, ptr, nbr, hcost, x, active, max_passes, tol):
                     touched[nt] = k
                     nt += 1
                 acc[k] += hcost[s]
-            base = _cost(v, xv, out, have, src) - scur
+            base = _cost(v, xv, rows, row_of, src) - scur
             best = -tol
             bl = -1
             for t in range(nt):
                 k = touched[t]
-                d = _cost(v, k, out, have, src) - base - acc[k]
+                d = _cost(v, k, rows, row_of, src) - base - acc[k]
                 if d < best:
                     best = d
                     bl = k
-            if tmin[v] - base < best and have[v] == 0:
-                _ensure_row(v, out, have, tmin, src)  # the bound lets it compete: exact check
+            if tmin[v] - base < best and row_of[v] < 0:
+                rows = _ensure_row(v, rows, row_of, count, tmin, src)  # the bound lets it compete: exact check
             if tmin[v] - base < best:
-                la = _first_min(out[v], tmin[v])
+                la = _first_min(rows[row_of[v]], tmin[v])
                 if la != xv and stamp[la] != token:
                     best = tmin[v] - base
                     bl = la
@@ -294,7 +303,7 @@ def icm_mwc(out, have, src, tmin, ptr, nbr, hcost, x, active, max_passes, tol):
         for v in range(N):
             active[v] = nxt[v]
             nxt[v] = 0
-    return total
+    return total, rows
 
 
 @njit(cache=True, nogil=True)
@@ -324,12 +333,12 @@ def initial_clusters(edges, z0, seg, n_seg, free, best, J):
 
 
 @njit(cache=True, nogil=True)
-def _round(out, have, src, tmin, edges, costs, x, comp, M, tc, free, ptr, nbr, hcost, cluster_passes, node_passes,
-           tol):
+def _round(rows, row_of, count, src, tmin, edges, costs, x, comp, M, tc, free, ptr, nbr, hcost, cluster_passes,
+           node_passes, tol):
     """Steps 3-4: solve the problem contracted to ``comp`` (summed rows ``tc``), expand, node ICM from
-    the free nodes and the relabelled nodes with their neighbours. Returns the new labels."""
+    the free nodes and the relabelled nodes with their neighbours. Returns the new labels and ``rows``."""
     N = x.shape[0]
-    part = np.zeros(out.shape[1], np.bool_)
+    part = np.zeros(rows.shape[1], np.bool_)
     ue, uw = contracted_edges(edges, costs, comp, M)
     zc, _, _, _ = solve_kernel(tc, ue, uw, part, cluster_passes, node_passes, tol, True)
     xn = np.empty(N, np.int64)
@@ -344,28 +353,36 @@ def _round(out, have, src, tmin, edges, costs, x, comp, M, tc, free, ptr, nbr, h
                     active[nbr[s]] = 1
             elif free[v] != 0:
                 active[v] = 1
-        icm_mwc(out, have, src, tmin, ptr, nbr, hcost, xn, active, node_passes, tol)
-    return xn
+        _, rows = icm_mwc(rows, row_of, count, src, tmin, ptr, nbr, hcost, xn, active, node_passes, tol)
+    return xn, rows
 
 
 @njit(cache=True, nogil=True)
-def _finish(out, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost, rounds, cluster_passes,
-            node_passes, tol):
+def _finish(rows, row_of, count, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost, rounds,
+            cluster_passes, node_passes, tol):
     """Rounds 2.. (clusters: components of equal ``x`` / ``(x, best)``; every row built) and step 5
     (``e_z0`` the energy of ``z0``)."""
     N = x.shape[0]
-    J = out.shape[1]
+    J = rows.shape[1]
     if rounds > 1:
         for v in range(N):
-            _ensure_row(v, out, have, tmin, src)
+            rows = _ensure_row(v, rows, row_of, count, tmin, src)
+        ordered = True
+        for v in range(N):
+            ordered = ordered and row_of[v] == v
+        if not ordered:  # the rows in node order, for row_sums
+            rows = rows[row_of.copy()]
+            for v in range(N):
+                row_of[v] = v
+            count[0] = N
         key = np.empty(N, np.int64)
         for _ in range(rounds - 1):
             for v in range(N):
                 key[v] = x[v] * J + (best[v] if free[v] != 0 else x[v])
             comp, M = components_by_key(edges, key)
-            x = _round(out, have, src, tmin, edges, costs, x, comp, M, row_sums(out, comp, M), free, ptr, nbr,
-                       hcost, cluster_passes, node_passes, tol)
-    energy = energy_from(out, have, src, ptr, nbr, hcost, z0, e_z0, x)
+            x, rows = _round(rows, row_of, count, src, tmin, edges, costs, x, comp, M, row_sums(rows, comp, M), free,
+                             ptr, nbr, hcost, cluster_passes, node_passes, tol)
+    energy = energy_from(rows, row_of, src, ptr, nbr, hcost, z0, e_z0, x)
     if e_z0 <= energy:
         return z0.copy(), e_z0
     return x, energy
@@ -393,16 +410,17 @@ def warm_mwc_kernel(theta, edges, costs, z0, margin0, rounds, cluster_passes, no
             best[v] = _first_min(o, t)
     seg, n_seg = components_by_key(edges, z0)
     comp, M = initial_clusters(edges, z0, seg, n_seg, free, best, J)
-    have = np.ones(N, np.uint8)
+    row_of = np.arange(N)  # every row given
+    count = np.full(1, N, np.int64)
     dummy = np.zeros((1, 1), np.float64)
     empty = np.zeros(0, np.int64)
     src = (dummy, empty, empty, empty, empty, dummy, 0.0)
     ptr, nbr, hcost = half_edges(N, edges, costs)
-    x = _round(theta, have, src, tmin, edges, costs, z0, comp, M, row_sums(theta, comp, M), free, ptr, nbr, hcost,
-               cluster_passes, node_passes, tol)
-    e_z0 = energy_of(theta, have, src, edges, costs, z0)
-    x, energy = _finish(theta, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost, rounds,
-                        cluster_passes, node_passes, tol)
+    x, _ = _round(theta, row_of, count, src, tmin, edges, costs, z0, comp, M, row_sums(theta, comp, M), free, ptr,
+                  nbr, hcost, cluster_passes, node_passes, tol)
+    e_z0 = energy_of(theta, row_of, src, edges, costs, z0)
+    x, energy = _finish(theta, row_of, count, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost,
+                        rounds, cluster_passes, node_passes, tol)
     return x, energy, nfree, M
 
 
@@ -468,34 +486,53 @@ def lifted_prepare(theta, m, grad, slot, z0, edges, costs):
 
 
 @njit(cache=True, nogil=True)
-def lifted_sample(theta, m, slot, lam, z0, margin0, prepared, edges, costs, rounds, cluster_passes, node_passes,
-                  tol, out):
-    """One sample of Algorithm 1: the multiway cut of the lifted costs ``theta[v, m[l]] + lam *
-    grad[slot[l], v]`` started from ``z0`` (module doc), ``prepared`` from ``lifted_prepare``, ``out``
-    an ``(N, J)`` work array (content irrelevant). Returns ``(labels, energy, free nodes, initial
-    clusters, built rows)``."""
-    grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, hcost, e_class, g_own_sum = prepared
-    N = theta.shape[0]
-    J = m.shape[0]
+def _lifted_src(theta, m, slot, grad_t, lam):
     has = np.flatnonzero(slot >= 0)
-    src = (theta, m, slot, has, slot[has], grad_t, lam)
-    have = np.zeros(N, np.uint8)
+    return (theta, m, slot, has, slot[has], grad_t, lam)
+
+
+@njit(cache=True, nogil=True)
+def lifted_free_nodes(theta, m, slot, lam, z0, margin0, prepared, tol):
+    """Step 1 of one sample of Algorithm 1 (lifted costs ``theta[v, m[l]] + lam * grad[slot[l], v]``,
+    ``prepared`` from ``lifted_prepare``): ``(tmin, best, free, number of free nodes)``, ``tmin[v]`` the
+    smallest cost where computed, else a lower bound of it. Most nodes are fixed by the bound alone."""
+    grad_t, g_own, g_min, t_min = prepared[0], prepared[1], prepared[2], prepared[3]
+    N = theta.shape[0]
+    src = _lifted_src(theta, m, slot, grad_t, lam)
     tmin = np.empty(N, np.float64)
     best = np.empty(N, np.int64)
     free = np.zeros(N, np.uint8)
     nfree = 0
-    for v in range(N):  # step 1; most nodes are fixed by the bound alone
+    for v in range(N):
         best[v] = z0[v]
         tmin[v] = t_min[v] + lam * g_min[v]  # lower bound of the smallest cost
         if lam * (g_own[v] - g_min[v]) <= tol:
             continue
         t, a = _row_min(v, src)
         tmin[v] = t
-        if _cost(v, z0[v], out, have, src) - t > margin0[v] + tol:
+        if theta[v, m[z0[v]]] + lam * g_own[v] - t > margin0[v] + tol:
             free[v] = 1
             nfree += 1
             best[v] = a
-            _ensure_row(v, out, have, tmin, src)  # read by the contraction
+    return tmin, best, free, nfree
+
+
+@njit(cache=True, nogil=True)
+def lifted_sample(theta, m, slot, lam, z0, prepared, edges, costs, tmin, best, free, rows, rounds, cluster_passes,
+                  node_passes, tol):
+    """Steps 2-5 of one sample after ``lifted_free_nodes``: the multiway cut of the lifted costs started
+    from ``z0`` (module doc). ``rows`` (capacity, J) receives the rows built (the free nodes' and the
+    few the node ICM needs; a larger array is allocated if it fills up; content irrelevant). Returns
+    ``(labels, energy, initial clusters, built rows)``."""
+    grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, hcost, e_class, g_own_sum = prepared
+    N = theta.shape[0]
+    J = m.shape[0]
+    src = _lifted_src(theta, m, slot, grad_t, lam)
+    row_of = np.full(N, -1, np.int64)  # built rows: rows[row_of[v]]
+    count = np.zeros(1, np.int64)
+    for v in range(N):
+        if free[v] != 0:
+            rows = _ensure_row(v, rows, row_of, count, tmin, src)  # read by the contraction
     comp, M = initial_clusters(edges, z0, seg, n_seg, free, best, J)
     tc = np.zeros((M, J), np.float64)
     for r in range(n_seg):  # the forward segments' rows from their class / slot sums ...
@@ -506,19 +543,16 @@ def lifted_sample(theta, m, slot, lam, z0, margin0, prepared, edges, costs, roun
         b = comp[v]
         if b >= n_seg:
             a = seg[v]
-            o = out[v]
+            o = rows[row_of[v]]
             for l in range(J):
                 tc[a, l] -= o[l]
                 tc[b, l] += o[l]
-    x = _round(out, have, src, tmin, edges, costs, z0, comp, M, tc, free, ptr, nbr, hcost, cluster_passes,
-               node_passes, tol)
+    x, rows = _round(rows, row_of, count, src, tmin, edges, costs, z0, comp, M, tc, free, ptr, nbr, hcost,
+                     cluster_passes, node_passes, tol)
     e_z0 = e_class + lam * g_own_sum  # energy of z0 on this sample's costs
-    x, energy = _finish(out, have, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost, rounds,
-                        cluster_passes, node_passes, tol)
-    nrows = 0
-    for v in range(N):
-        nrows += have[v]
-    return x, energy, nfree, M, nrows
+    x, energy = _finish(rows, row_of, count, src, tmin, edges, costs, z0, e_z0, x, best, free, ptr, nbr, hcost,
+                        rounds, cluster_passes, node_passes, tol)
+    return x, energy, M, count[0]
 
 
 @njit(cache=True, nogil=True)

@@ -226,13 +226,17 @@ def solve_lifted_mwc_warm(
     N, J = problem.shape
     if N == 0:
         return np.zeros(0, np.int64), 0.0
-    ws = _acquire_workspace()
+    lam = float(lam)
+    tmin, best, free, nfree = _warm.lifted_free_nodes(problem.theta, problem.m, problem.slot, lam,
+                                                      problem.initial_labels, problem.initial_margins,
+                                                      problem.prepared, _TOL)
+    cap = nfree + N // 64 + 64  # the free nodes' rows and room for the few the node ICM builds
+    ws = _acquire_workspace()  # pages kept across solves (fresh ones cost a fault each)
     try:
-        ws.fit(N * J, 0, 0)
-        out = ws.f8[: N * J].reshape(N, J)
-        labels, energy, _, _, _ = _warm.lifted_sample(
-            problem.theta, problem.m, problem.slot, float(lam), problem.initial_labels, problem.initial_margins,
-            problem.prepared, problem.edges, problem.edge_costs, nr, cp, npasses, _TOL, out)
+        ws.fit(cap * J, 0, 0)
+        labels, energy, _, _ = _warm.lifted_sample(
+            problem.theta, problem.m, problem.slot, lam, problem.initial_labels, problem.prepared, problem.edges,
+            problem.edge_costs, tmin, best, free, ws.f8[: cap * J].reshape(cap, J), nr, cp, npasses, _TOL)
     finally:
         _release_workspace(ws)
     return labels, float(energy)

@@ -131,8 +131,8 @@ def test_icm_is_refine_nodes_for_a_multiway_cut():
         b = x0.copy()
         dummy = np.zeros((1, 1))
         empty = np.zeros(0, np.int64)
-        moves_b = _warm.icm_mwc(theta, np.ones(N, np.uint8), (dummy, empty, empty, empty, empty, dummy, 0.0),
-                                theta.min(1), ptr, nbr, costs[eid], b, active.copy(), 4, 1e-9)
+        moves_b, _ = _warm.icm_mwc(theta, np.arange(N), np.full(1, N), (dummy, empty, empty, empty, empty, dummy, 0.0),
+                                   theta.min(1), ptr, nbr, costs[eid], b, active.copy(), 4, 1e-9)
         assert moves_a == moves_b
         np.testing.assert_array_equal(a, b)
 
