@@ -272,7 +272,7 @@ def run(sizes, repeats, threads, batch, samples, seed):
         t_fwd64, _ = _median_time(lambda: solve_amwc(theta64, edges, c64, part), repeats)
         # the whole layer (conversions, segments, gradient assembly) with the warm and the cold backward
         layer_times = {}
-        for solver in ("warm", "cold"):
+        for solver in ("warm", "warm", "cold"):  # the first warm run is a warm-up (work arrays, caches)
             t0 = time.perf_counter()
             out = layer(solver)
             t1 = time.perf_counter()

@@ -20,7 +20,8 @@ singletons again; the warm start keeps what the perturbation cannot have changed
 4. **Expanded** to the nodes and improved by node ICM on the original graph (``icm_mwc``, the MWC case
    of ``_core.refine_nodes``), started from the free nodes and the relabelled nodes with their
    neighbours (the neighbours of a free node that kept its label see no change but their own
-   perturbation, which did not push them).
+   perturbation, which did not push them; a node moved to a label of the same cost with all its
+   edges' cuts unchanged, e.g. a whole segment taking a tied lifted label, changes nothing either).
 
 Further rounds (``rounds > 1``) repeat 2-4 from the previous labels ``x`` with the connected components
 of equal key ``x_v`` (fixed nodes) / ``(x_v, argmin)`` (free nodes) as clusters. 5. The energy is
@@ -333,6 +334,20 @@ def initial_clusters(edges, z0, seg, n_seg, free, best, J):
 
 
 @njit(cache=True, nogil=True)
+def _relabel_matters(v, xn, x, rows, row_of, src, ptr, nbr):
+    """Whether the relabelling ``x[v] -> xn[v]`` changed anything the node ICM looks at: ``v``'s cost or
+    the cut of one of its edges. A segment moved as a whole to a label of equal cost (lifted labels of
+    one class without perturbation tie) changes neither."""
+    if _cost(v, xn[v], rows, row_of, src) != _cost(v, x[v], rows, row_of, src):
+        return True
+    for s in range(ptr[v], ptr[v + 1]):
+        w = nbr[s]
+        if (xn[v] == xn[w]) != (x[v] == x[w]):
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
 def _round(rows, row_of, count, src, tmin, edges, costs, x, comp, M, tc, free, ptr, nbr, hcost, cluster_passes,
            node_passes, tol):
     """Steps 3-4: solve the problem contracted to ``comp`` (summed rows ``tc``), expand, node ICM from
@@ -347,7 +362,7 @@ def _round(rows, row_of, count, src, tmin, edges, costs, x, comp, M, tc, free, p
     if node_passes > 0:
         active = np.zeros(N, np.uint8)
         for v in range(N):
-            if xn[v] != x[v]:
+            if xn[v] != x[v] and _relabel_matters(v, xn, x, rows, row_of, src, ptr, nbr):
                 active[v] = 1
                 for s in range(ptr[v], ptr[v + 1]):
                     active[nbr[s]] = 1
