@@ -261,8 +261,8 @@ def run(sizes, repeats, threads, batch, samples, seed):
 
         warm_backward()  # untimed: work arrays sized for the lifted label space
         warm_backward_threads()
-        t_warm, warm = _median_time(warm_backward, max(1, repeats // 2))
-        t_warm_nt, _ = _median_time(warm_backward_threads, max(1, repeats // 2))
+        t_warm, warm = _median_time(warm_backward, repeats)
+        t_warm_nt, _ = _median_time(warm_backward_threads, repeats)
         dense = [lifted_costs(problem, lam) for lam in lambdas]
         solve_mwc(dense[0], edges, c64)
         t_cold, cold = _median_time(lambda: [solve_mwc(tl, edges, c64) for tl in dense], max(1, repeats // 2))
