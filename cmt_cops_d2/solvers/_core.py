@@ -769,6 +769,41 @@ def find_roots(parent):
     return root
 
 
+@njit(cache=True, nogil=True)
+def components_by_key(edges, key):
+    """Connected components of the edges whose endpoints have equal ``key``; ids ``0..M-1`` in order of
+    the first node. Returns ``(comp (N,), M)``."""
+    N = key.shape[0]
+    parent = np.arange(N)
+    for e in range(edges.shape[0]):
+        a = edges[e, 0]
+        b = edges[e, 1]
+        if key[a] != key[b]:
+            continue
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        while parent[b] != b:
+            parent[b] = parent[parent[b]]
+            b = parent[b]
+        if a != b:
+            if a < b:
+                parent[b] = a
+            else:
+                parent[a] = b
+    root = find_roots(parent)
+    newid = np.full(N, -1, np.int64)
+    comp = np.empty(N, np.int64)
+    M = 0
+    for v in range(N):
+        r = root[v]
+        if newid[r] < 0:
+            newid[r] = M
+            M += 1
+        comp[v] = newid[r]
+    return comp, M
+
+
 # ----------------------------------------------------------------------------------------------------
 # local improvement on the canonical state (stuff clusters of equal label read as merged)
 # ----------------------------------------------------------------------------------------------------
@@ -1021,37 +1056,11 @@ def refine_nodes(theta0, tmin, part, ptr, nbr, eid, costs, x, cid, active, max_p
 def finalize(theta0, part, edges, costs, x, cid):
     """Cluster ids = components of the uncut edges; energy of eq. (2) on the original edges."""
     N = theta0.shape[0]
-    parent = np.arange(N)
-    for e in range(edges.shape[0]):
-        a = edges[e, 0]
-        b = edges[e, 1]
-        if x[a] != x[b]:
-            continue
-        if part[x[a]] and cid[a] != cid[b]:
-            continue
-        ra = a
-        while parent[ra] != ra:
-            parent[ra] = parent[parent[ra]]
-            ra = parent[ra]
-        rb = b
-        while parent[rb] != rb:
-            parent[rb] = parent[parent[rb]]
-            rb = parent[rb]
-        if ra != rb:
-            if ra < rb:
-                parent[rb] = ra
-            else:
-                parent[ra] = rb
-    root = find_roots(parent)
-    newid = np.full(N, -1, np.int64)
-    out = np.empty(N, np.int64)
-    k = 0
+    K = theta0.shape[1]
+    key = np.empty(N, np.int64)  # the segment of a node: its label (stuff) or K + its instance (thing)
     for v in range(N):
-        r = root[v]
-        if newid[r] < 0:
-            newid[r] = k
-            k += 1
-        out[v] = newid[r]
+        key[v] = K + cid[v] if part[x[v]] else x[v]
+    out, _ = components_by_key(edges, key)
     energy = 0.0
     for v in range(N):
         energy += theta0[v, x[v]]

@@ -42,7 +42,7 @@ result equals ``warm_mwc_kernel`` on the built costs up to summation order.
 import numpy as np
 from numba import njit
 
-from ._core import find_roots, incidence_csr, solve_kernel, unique_edges
+from ._core import components_by_key, incidence_csr, solve_kernel, unique_edges
 
 
 @njit(cache=True, nogil=True)
@@ -57,41 +57,6 @@ def label_margins(theta, x):
                 t = theta[v, l]
         out[v] = theta[v, x[v]] - t
     return out
-
-
-@njit(cache=True, nogil=True)
-def components_by_key(edges, key):
-    """Connected components of the edges whose endpoints have equal ``key``; ids ``0..M-1`` in order of
-    the first node. Returns ``(comp (N,), M)``."""
-    N = key.shape[0]
-    parent = np.arange(N)
-    for e in range(edges.shape[0]):
-        a = edges[e, 0]
-        b = edges[e, 1]
-        if key[a] != key[b]:
-            continue
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        while parent[b] != b:
-            parent[b] = parent[parent[b]]
-            b = parent[b]
-        if a != b:
-            if a < b:
-                parent[b] = a
-            else:
-                parent[a] = b
-    root = find_roots(parent)
-    newid = np.full(N, -1, np.int64)
-    comp = np.empty(N, np.int64)
-    M = 0
-    for v in range(N):
-        r = root[v]
-        if newid[r] < 0:
-            newid[r] = M
-            M += 1
-        comp[v] = newid[r]
-    return comp, M
 
 
 @njit(cache=True, nogil=True)
