@@ -364,6 +364,13 @@ def test_input_validation():
     out = call()
     with pytest.raises(ValueError, match="incoming gradient"):
         (out.segments * float("nan")).sum().backward()
+    # a finite incoming gradient whose perturbation would overflow the MWC energy: both solvers refuse
+    out = call()
+    with pytest.raises(ValueError, match=r"incoming gradient dL/dsegments times lambda = .* is too large"):
+        (out.segments * 1e300).sum().backward()
+    out = call(st=AMWCSettings(backward_solver="cold"))
+    with pytest.raises(RuntimeError, match="MWC backward solve failed: ValueError: node_costs and edge_costs are too large"):
+        (out.segments * 1e300).sum().backward()
     assert AMWCFunction is not None
 
 
