@@ -134,8 +134,9 @@ def backward_problems(theta, edges, costs, part, cls, seg, h, w, stuff_area, see
     """The backward pass of the AMWC layer on one instance, as in full-stage training: the layer's
     forward (float32 costs, as a network gives them), the PQ surrogate loss against the instance's
     ground truth (paper thresholds, loss weight 10) and its gradient ``dL/dZ``; then the lifted problems
-    of Algorithm 1 for ``samples`` draws ``lambda ~ U[1, 5000]``. Returns ``(lifted problem,
-    lambdas, layer settings, layer inputs)``."""
+    of Algorithm 1 for ``samples`` draws ``lambda ~ U[1, 5000]``. Returns ``(lifted problem (the
+    arguments of prepare_lifted_problem), lambdas, the layer as a function of the backward solver, the
+    loss of a layer output, prepare_lifted_problem, the forward labels' margins)``."""
     import torch
 
     from cmt_cops_d2.modeling.cops.amwc_layer import AMWCSettings, _lifted_space, amwc_layer
@@ -177,8 +178,8 @@ def backward_problems(theta, edges, costs, part, cls, seg, h, w, stuff_area, see
     label_of_slot[slot[slot >= 0]] = np.flatnonzero(slot >= 0)
     z0 = label_of_slot[out.segments[0].detach().reshape(grad.shape[0], -1).argmax(0).numpy()]
     labels = out.labels[0].reshape(-1).numpy()
-    problem = (theta64, m, slot, grad, z0, label_margins(theta64, labels), edges, c64)
-    return problem, lambdas, layer, loss_of, prepare_lifted_problem
+    problem = (theta64, m, slot, grad, z0, edges, c64)
+    return problem, lambdas, layer, loss_of, prepare_lifted_problem, label_margins(theta64, labels)
 
 
 def lifted_costs(problem, lam):
@@ -247,9 +248,9 @@ def run(sizes, repeats, threads, batch, samples, seed):
         from cmt_cops_d2.solvers import solve_lifted_mwc_warm, solve_mwc_warm
         from cmt_cops_d2.solvers.amwc import run_batch
 
-        problem, lambdas, layer, loss_of, prepare = backward_problems(
+        problem, lambdas, layer, loss_of, prepare, margins = backward_problems(
             theta, edges, costs, part, cls, seg, h, w, STUFF_AREA[name], seed, samples)
-        theta64, _, _, _, z0, margins, _, c64 = problem
+        theta64, _, _, _, z0, _, c64 = problem
 
         def warm_backward():
             lp = prepare(*problem)

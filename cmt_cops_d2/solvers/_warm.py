@@ -417,7 +417,8 @@ def lifted_prepare(theta, m, grad, slot, z0, edges, costs):
     lifted labels (0 for labels without a slot), ``t_min[v]`` the smallest class cost, the forward
     segments ``seg`` (components of equal ``z0``), their number, their summed class costs ``seg_theta``
     (n_seg, K) and gradients ``seg_grad`` (n_seg, S), the half-edges ``(ptr, nbr, hcost)`` of the
-    edges, and the energy of ``z0`` as ``e_class + lambda * g_own_sum``."""
+    edges, the energy of ``z0`` as ``e_class + lambda * g_own_sum``, and ``margin0`` the forward label's
+    margin ``theta[v, m[z0_v]] - t_min[v]`` (step 1's reference)."""
     N, K = theta.shape
     S = grad.shape[0]
     J = slot.shape[0]
@@ -446,6 +447,7 @@ def lifted_prepare(theta, m, grad, slot, z0, edges, costs):
     seg_theta = np.zeros((n_seg, K), np.float64)
     g_own = np.empty(N, np.float64)
     t_min = np.empty(N, np.float64)
+    margin0 = np.empty(N, np.float64)
     e_class = 0.0
     g_own_sum = 0.0
     for v in range(N):
@@ -455,6 +457,7 @@ def lifted_prepare(theta, m, grad, slot, z0, edges, costs):
         for k in range(1, K):
             t = min(t, th[k])
         t_min[v] = t
+        margin0[v] = th[m[z0[v]]] - t  # the forward label's margin (``label_margins``)
         g_own[v] = grad_t[v, slot[z0[v]]]
         e_class += theta[v, m[z0[v]]]
         g_own_sum += g_own[v]
@@ -462,7 +465,7 @@ def lifted_prepare(theta, m, grad, slot, z0, edges, costs):
         if z0[edges[e, 0]] != z0[edges[e, 1]]:
             e_class += costs[e]
     ptr, nbr, hcost = half_edges(N, edges, costs)
-    return grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, hcost, e_class, g_own_sum
+    return grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, hcost, e_class, g_own_sum, margin0
 
 
 @njit(cache=True, nogil=True)
@@ -472,11 +475,11 @@ def _lifted_src(theta, m, slot, grad_t, lam):
 
 
 @njit(cache=True, nogil=True)
-def lifted_free_nodes(theta, m, slot, lam, z0, margin0, prepared, tol):
+def lifted_free_nodes(theta, m, slot, lam, z0, prepared, tol):
     """Step 1 of one sample of Algorithm 1 (lifted costs ``theta[v, m[l]] + lam * grad[slot[l], v]``,
     ``prepared`` from ``lifted_prepare``): ``(tmin, best, free, number of free nodes)``, ``tmin[v]`` the
     smallest cost where computed, else a lower bound of it. Most nodes are fixed by the bound alone."""
-    grad_t, g_own, g_min, t_min = prepared[0], prepared[1], prepared[2], prepared[3]
+    grad_t, g_own, g_min, t_min, margin0 = prepared[0], prepared[1], prepared[2], prepared[3], prepared[13]
     N = theta.shape[0]
     src = _lifted_src(theta, m, slot, grad_t, lam)
     tmin = np.empty(N, np.float64)
@@ -504,7 +507,7 @@ def lifted_sample(theta, m, slot, lam, z0, prepared, edges, costs, tmin, best, f
     from ``z0`` (module doc). ``rows`` (capacity, J) receives the rows built (the free nodes' and the
     few the node ICM needs; a larger array is allocated if it fills up; content irrelevant). Returns
     ``(labels, energy, initial clusters, built rows)``."""
-    grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, hcost, e_class, g_own_sum = prepared
+    grad_t, g_own, g_min, t_min, seg, n_seg, seg_theta, seg_grad, ptr, nbr, hcost, e_class, g_own_sum, _ = prepared
     N = theta.shape[0]
     J = m.shape[0]
     src = _lifted_src(theta, m, slot, grad_t, lam)

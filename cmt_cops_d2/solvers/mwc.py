@@ -165,11 +165,10 @@ class LiftedProblem:
     """The perturbed lifted MWC problems of one image in Algorithm 1, prepared once for all its
     ``lambda`` samples (``prepare_lifted_problem``); ``solve_lifted_mwc_warm`` solves one sample."""
 
-    __slots__ = ("theta", "m", "slot", "initial_labels", "initial_margins", "edges", "edge_costs", "prepared")
+    __slots__ = ("theta", "m", "slot", "initial_labels", "edges", "edge_costs", "prepared")
 
-    def __init__(self, theta, m, slot, initial_labels, initial_margins, edges, edge_costs, prepared):
-        self.theta, self.m, self.slot = theta, m, slot
-        self.initial_labels, self.initial_margins = initial_labels, initial_margins
+    def __init__(self, theta, m, slot, initial_labels, edges, edge_costs, prepared):
+        self.theta, self.m, self.slot, self.initial_labels = theta, m, slot, initial_labels
         self.edges, self.edge_costs, self.prepared = edges, edge_costs, prepared
 
     @property
@@ -178,15 +177,15 @@ class LiftedProblem:
         return self.theta.shape[0], self.m.shape[0]
 
 
-def prepare_lifted_problem(theta, m, slot, grad, initial_labels, initial_margins, edges, edge_costs) -> LiftedProblem:
+def prepare_lifted_problem(theta, m, slot, grad, initial_labels, edges, edge_costs) -> LiftedProblem:
     """Per-image part of ``solve_lifted_mwc_warm``: the lifted node costs of a sample are
     ``theta[v, m[l]] + lambda * grad[slot[l], v]`` (the ``grad`` term only where ``slot[l] >= 0``).
 
     For the AMWC layer, whose inputs are checked once per batch: ``theta`` (N, K) finite float64 and
     ``grad`` (S, N) finite float64 or float32 (kept: the lifted costs are computed in float64 from it), ``m`` / ``slot`` (J,) int64 with ``0 <= m < K`` and ``-1 <= slot < S``,
-    ``initial_labels`` (N,) int64 in ``[0, J)`` (the forward solution lifted), ``initial_margins`` (N,)
-    float64 (its ``label_margins`` in the forward problem), ``edges`` / ``edge_costs`` as validated by
-    ``solve_mwc``. Shapes and index ranges are checked here.
+    ``initial_labels`` (N,) int64 in ``[0, J)`` (the forward solution lifted; its margins in the forward
+    problem, ``solve_mwc_warm``'s ``initial_margins``, follow from ``theta``), ``edges`` / ``edge_costs``
+    as validated by ``solve_mwc``. Shapes and index ranges are checked here.
     """
     theta = np.ascontiguousarray(theta, dtype=np.float64)
     grad = np.ascontiguousarray(grad, dtype=np.float32 if np.asarray(grad).dtype == np.float32 else np.float64)
@@ -196,17 +195,16 @@ def prepare_lifted_problem(theta, m, slot, grad, initial_labels, initial_margins
     J = m.shape[0]
     S = grad.shape[0]
     if (slot.shape != (J,) or grad.ndim != 2 or grad.shape[1] != N or np.shape(initial_labels) != (N,)
-            or np.shape(initial_margins) != (N,) or edges.ndim != 2 or edge_costs.shape != (edges.shape[0],)):
+            or edges.ndim != 2 or edge_costs.shape != (edges.shape[0],)):
         raise ValueError("prepare_lifted_problem: inconsistent shapes of theta (N, K), m / slot (J,), grad (S, N), "
-                         "initial labels / margins (N,), edges (E, 2), edge_costs (E,)")
+                         "initial labels (N,), edges (E, 2), edge_costs (E,)")
     if J == 0 or m.min() < 0 or m.max() >= K or slot.min() < -1 or slot.max() >= S:
         raise ValueError(f"prepare_lifted_problem: m must lie in [0, {K}) and slot in [-1, {S})")
     z0 = validate_initial_labels(initial_labels, N, J)
     if N and (slot[z0] < 0).any():
         raise ValueError("prepare_lifted_problem: every initial label must have a slot (the forward segments')")
-    margins = np.ascontiguousarray(initial_margins, dtype=np.float64)
     prepared = _warm.lifted_prepare(theta, m, grad, slot, z0, edges, edge_costs) if N else None
-    return LiftedProblem(theta, m, slot, z0, margins, edges, edge_costs, prepared)
+    return LiftedProblem(theta, m, slot, z0, edges, edge_costs, prepared)
 
 
 def solve_lifted_mwc_warm(
@@ -228,8 +226,7 @@ def solve_lifted_mwc_warm(
         return np.zeros(0, np.int64), 0.0
     lam = float(lam)
     tmin, best, free, nfree = _warm.lifted_free_nodes(problem.theta, problem.m, problem.slot, lam,
-                                                      problem.initial_labels, problem.initial_margins,
-                                                      problem.prepared, _TOL)
+                                                      problem.initial_labels, problem.prepared, _TOL)
     cap = nfree + N // 64 + 64  # the free nodes' rows and room for the few the node ICM builds
     ws = _acquire_workspace()  # pages kept across solves (fresh ones cost a fault each)
     try:

@@ -94,7 +94,7 @@ def test_lifted_solve_equals_the_warm_solve_of_the_built_costs(dtype):
     rng = np.random.default_rng(2)
     for _ in range(12):
         theta, m, slot, grad, z0, margins, edges, costs = _lifted_instance(rng, dtype=dtype)
-        problem = prepare_lifted_problem(theta, m, slot, grad, z0, margins, edges, costs)
+        problem = prepare_lifted_problem(theta, m, slot, grad, z0, edges, costs)
         for lam in (0.0, 1.0, 300.0, 3000.0):
             for rounds in (1, 2):
                 x, e = solve_lifted_mwc_warm(problem, lam, rounds=rounds)
@@ -110,8 +110,8 @@ def test_zero_perturbation_keeps_the_forward_solution_of_a_local_optimum():
     unless the warm solve finds a strictly cheaper labelling."""
     rng = np.random.default_rng(3)
     for _ in range(10):
-        theta, m, slot, grad, z0, margins, edges, costs = _lifted_instance(rng)
-        problem = prepare_lifted_problem(theta, m, slot, grad, z0, margins, edges, costs)
+        theta, m, slot, grad, z0, _, edges, costs = _lifted_instance(rng)
+        problem = prepare_lifted_problem(theta, m, slot, grad, z0, edges, costs)
         x, e = solve_lifted_mwc_warm(problem, 0.0)
         assert e <= mwc_energy(theta[:, m], edges, costs, z0) + 1e-9
 
@@ -150,7 +150,7 @@ def test_warm_start_energy_against_a_cold_solve_on_layer_problems():
     for seed in range(8):
         h = w = 48
         theta, edges, costs, part, cls, seg = bm.make_instance(seed, h, w, 12, 6, (1, 4, 16), 6)
-        problem, lambdas, _, _, prepare = bm.backward_problems(theta, edges, costs, part, cls, seg, h, w, 2048.0,
+        problem, lambdas, _, _, prepare, _ = bm.backward_problems(theta, edges, costs, part, cls, seg, h, w, 2048.0,
                                                                 seed, 5)
         lifted = prepare(*problem)
         for lam in lambdas:
@@ -178,10 +178,10 @@ def test_input_errors_name_the_argument():
         solve_mwc_warm(theta, edges, costs, np.zeros(9, np.int64), rounds=0)
     t, m, slot, grad, z0, margins, ed, c = _lifted_instance(rng)
     with pytest.raises(ValueError, match="m must lie in"):
-        prepare_lifted_problem(t, m + t.shape[1], slot, grad, z0, margins, ed, c)
+        prepare_lifted_problem(t, m + t.shape[1], slot, grad, z0, ed, c)
     with pytest.raises(ValueError, match="inconsistent shapes"):
-        prepare_lifted_problem(t, m, slot, grad[:, :-1], z0, margins, ed, c)
+        prepare_lifted_problem(t, m, slot, grad[:, :-1], z0, ed, c)
     no_slot = np.flatnonzero(slot < 0)
     if no_slot.size:
         with pytest.raises(ValueError, match="every initial label must have a slot"):
-            prepare_lifted_problem(t, m, slot, grad, np.full_like(z0, no_slot[0]), margins, ed, c)
+            prepare_lifted_problem(t, m, slot, grad, np.full_like(z0, no_slot[0]), ed, c)

@@ -103,8 +103,8 @@ import torch
 
 from cmt_cops_d2.solvers import grid_edge_slots, grid_edges, solve_amwc_batch, solve_mwc_batch
 from cmt_cops_d2.solvers.amwc import MAX_ENERGY, run_batch
-from cmt_cops_d2.solvers.mwc import (DEFAULT_WARM_ROUNDS, accumulate_gradient, label_margins,
-                                     prepare_lifted_problem, solve_lifted_mwc_warm)
+from cmt_cops_d2.solvers.mwc import (DEFAULT_WARM_ROUNDS, accumulate_gradient, prepare_lifted_problem,
+                                     solve_lifted_mwc_warm)
 
 __all__ = ["AMWCSettings", "AMWCFunction", "AMWCOutput", "amwc_layer", "solve_amwc_maps"]
 
@@ -395,10 +395,11 @@ def _backward_warm(st: "_Ctx", g: np.ndarray, lambdas: np.ndarray, gtheta: np.nd
     images = []
     for b in range(B):
         gb = _image_gradient(g, st, b)
-        if not gb.any():
+        g_max = float(max(gb.max(), -gb.min())) if gb.size else 0.0
+        if g_max == 0.0:
             continue  # zero perturbation: eq. (3) gives exactly zero
         lams = list(lambdas[b]) + ([0.0] if settings.reference == "mwc" else [])
-        _check_perturbed_magnitude(gb, max(lams), st.c[b])
+        _check_perturbed_magnitude(gb.shape[1], g_max, max(lams), st.c[b])
         images.append((b, gb, lams))
     if not images:
         return
@@ -409,8 +410,7 @@ def _backward_warm(st: "_Ctx", g: np.ndarray, lambdas: np.ndarray, gtheta: np.nd
         label_of_slot = np.full(gb.shape[0], -1, np.int64)
         label_of_slot[slot[slot >= 0]] = np.flatnonzero(slot >= 0)
         z0 = label_of_slot[st.slot_of[b]]  # every predicted slot is active, so every pixel has its label
-        margins = label_margins(st.theta[b], st.labels[b])
-        return prepare_lifted_problem(st.theta[b], m, slot, gb, z0, margins, st.edges, st.c[b])
+        return prepare_lifted_problem(st.theta[b], m, slot, gb, z0, st.edges, st.c[b])
 
     def solve(job):
         problem, lam = job
@@ -426,12 +426,12 @@ def _backward_warm(st: "_Ctx", g: np.ndarray, lambdas: np.ndarray, gtheta: np.nd
     _accumulate(st, meta, sols, gtheta, gc)
 
 
-def _check_perturbed_magnitude(gb: np.ndarray, lam: float, c: np.ndarray) -> None:
+def _check_perturbed_magnitude(num_nodes: int, g_max: float, lam: float, c: np.ndarray) -> None:
     """The check ``solve_mwc`` makes on its input (``solvers.amwc.validate_magnitudes``) for the part the
     perturbation adds, bounded over every lifted problem of the image (the perturbed costs are built
     inside the warm solver; the class costs passed the same check in the forward)."""
     with np.errstate(over="ignore"):
-        bound = lam * gb.shape[1] * float(max(gb.max(), -gb.min())) + float(np.abs(c).sum())
+        bound = lam * num_nodes * g_max + float(np.abs(c).sum())
     if not bound <= MAX_ENERGY:
         raise ValueError(f"incoming gradient dL/dsegments times lambda = {lam:.4g} is too large: the perturbed "
                          f"MWC energy could reach {bound:.3g}, beyond {MAX_ENERGY:g} where float64 sums overflow")
