@@ -139,7 +139,7 @@ def backward_problems(theta, edges, costs, part, cls, seg, h, w, stuff_area, see
     loss of a layer output, prepare_lifted_problem, the forward labels' margins)``."""
     import torch
 
-    from cmt_cops_d2.modeling.cops.amwc_layer import AMWCSettings, _lifted_space, amwc_layer
+    from cmt_cops_d2.modeling.cops.amwc_layer import AMWCSettings, amwc_layer, lifted_labels
     from cmt_cops_d2.modeling.cops.criterion import loss_slots
     from cmt_cops_d2.modeling.cops.pq_surrogate import (area_thresholds_from_isthing, pool_pq_sums,
                                                         pq_sums_single_image, pq_surrogate_loss)
@@ -173,11 +173,10 @@ def backward_problems(theta, edges, costs, part, cls, seg, h, w, stuff_area, see
     grad = np.where((seg_cls >= 0)[:, None], grad, 0.0).astype(np.float32)
     theta64 = np.ascontiguousarray(node.detach().double().reshape(K, -1).T.numpy())
     c64 = edge.detach().double()[0].numpy()
-    m, slot = _lifted_space(grad, seg_cls, seg_pred, K)
-    label_of_slot = np.full(grad.shape[0], -1, np.int64)
-    label_of_slot[slot[slot >= 0]] = np.flatnonzero(slot >= 0)
-    z0 = label_of_slot[out.segments[0].detach().reshape(grad.shape[0], -1).argmax(0).numpy()]
+    Z = out.segments[0].detach().reshape(grad.shape[0], -1).numpy()
+    slot_of = np.where(Z.any(0), Z.argmax(0), -1)  # -1: a dropped small thing cluster
     labels = out.labels[0].reshape(-1).numpy()
+    m, slot, z0 = lifted_labels(grad, seg_cls, seg_pred, labels, slot_of, K)
     problem = (theta64, m, slot, grad, z0, edges, c64)
     return problem, lambdas, layer, loss_of, prepare_lifted_problem, label_margins(theta64, labels)
 

@@ -458,7 +458,8 @@ def lifted_prepare(theta, m, grad, slot, z0, edges, costs):
             t = min(t, th[k])
         t_min[v] = t
         margin0[v] = th[m[z0[v]]] - t  # the forward label's margin (``label_margins``)
-        g_own[v] = grad_t[v, slot[z0[v]]]
+        s = slot[z0[v]]
+        g_own[v] = grad_t[v, s] if s >= 0 else 0.0
         e_class += theta[v, m[z0[v]]]
         g_own_sum += g_own[v]
     for e in range(edges.shape[0]):

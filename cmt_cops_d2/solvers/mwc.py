@@ -201,8 +201,6 @@ def prepare_lifted_problem(theta, m, slot, grad, initial_labels, edges, edge_cos
     if J == 0 or m.min() < 0 or m.max() >= K or slot.min() < -1 or slot.max() >= S:
         raise ValueError(f"prepare_lifted_problem: m must lie in [0, {K}) and slot in [-1, {S})")
     z0 = validate_initial_labels(initial_labels, N, J)
-    if N and (slot[z0] < 0).any():
-        raise ValueError("prepare_lifted_problem: every initial label must have a slot (the forward segments')")
     prepared = _warm.lifted_prepare(theta, m, grad, slot, z0, edges, edge_costs) if N else None
     return LiftedProblem(theta, m, slot, z0, edges, edge_costs, prepared)
 

@@ -12,7 +12,9 @@ thread per image, the Numba kernel releases the GIL (never a process per image).
 
 * one slot per *stuff* class present in the labelling (all pixels of that class, as the public COPS
   code does: one segment per stuff class, whatever its connectivity);
-* one slot per AMWC cluster of a *thing* class (an instance);
+* one slot per AMWC cluster of a *thing* class (an instance) with at least ``settings.min_thing_size``
+  pixels (default 3, the public code's ``IGNORE_INSTANCE_SIZE_AMC 12 // 4`` grid pixels); the pixels of
+  smaller thing clusters are in no slot (the loss sees them as unpredicted);
 * then one empty slot per entry of ``extra_slot_classes[b]`` (a class id each). They are the
   prediction "channels" of ground-truth segments that no prediction matches (false negatives): the
   loss compares such a GT segment with an empty mask and its gradient tells the backward pass where
@@ -33,10 +35,14 @@ uses for its false negatives); gradient on padding slots is ignored.
 
 Backward (Algorithm 1 with the robust average of eq. 4)
 ------------------------------------------------------
-Lifted label space of image ``b`` (Sec. 3.3.3; the note's ``add_semantic_costs_to_instance_costs``):
+Lifted label space of image ``b`` (Sec. 3.3.3; the public code's ``add_semantic_costs_to_instance_costs``):
 for every class ``c`` in ascending order, one lifted label per *active* slot of class ``c`` (a slot is
 active if it holds a predicted segment or receives a non-zero gradient), or a single label if class
-``c`` has no active slot. ``m(l)`` is the class of lifted label ``l``. For ``i = 1..N`` with
+``c`` has no active slot; a class with active slots and dropped small clusters gets one more label
+without a slot, which the dropped clusters' pixels hold in the forward solution (the public code has no
+such label: a cold solve must put them into some segment in every sample, whether or not the
+perturbation touches them; here they keep their class cost and move only where a segment's perturbed
+cost draws them). ``m(l)`` is the class of lifted label ``l``. For ``i = 1..N`` with
 ``lambda_i ~ U[lambda_min, lambda_max]`` (or fixed ``lambdas``):
 
 1. ``c'_V(v, l) = theta(v, m(l)) + lambda_i * dL/dZ(slot(l), v)`` (0 for labels without a slot);
@@ -86,8 +92,6 @@ Choices where the paper is silent (or differs from the public code)
 * ``lambda``s are drawn per image and sample, on the calling thread, from ``settings.generator``
   (created from ``settings.seed`` on first use and kept, so consecutive backward calls draw new values
   reproducibly).
-* No small thing segments are dropped (the public code drops components under 3 grid pixels); the
-  loss's size gate handles them.
 * Only ``segments`` is differentiable: the loss of the paper (eq. 6) depends on the panoptic labels
   ``z`` only, and Algorithm 1 has no input for gradients w.r.t. ``x`` or ``y``.
 """
@@ -128,6 +132,8 @@ class AMWCSettings:
         backward_solver: ``"warm"`` (default: every perturbed MWC starts from the forward solution,
             ``solvers.solve_mwc_warm``) or ``"cold"`` (``solve_mwc`` from scratch).
         warm_rounds: rounds of the warm start (``solve_mwc_warm``'s ``rounds``).
+        min_thing_size: thing clusters with fewer pixels get no slot (public code: 12 // 4 = 3 grid
+            pixels, as at inference); 0 or 1 keeps every cluster.
     """
 
     num_samples: int = 5
@@ -140,6 +146,7 @@ class AMWCSettings:
     num_threads: Optional[int] = None
     backward_solver: str = "warm"
     warm_rounds: int = DEFAULT_WARM_ROUNDS
+    min_thing_size: int = 3
 
     def __post_init__(self):
         if self.lambdas is not None:
@@ -159,6 +166,9 @@ class AMWCSettings:
             raise ValueError(f"backward_solver must be 'warm' or 'cold', got {self.backward_solver!r}")
         if isinstance(self.warm_rounds, bool) or not isinstance(self.warm_rounds, (int, np.integer)) or self.warm_rounds < 1:
             raise ValueError(f"warm_rounds must be a positive integer, got {self.warm_rounds!r}")
+        if (isinstance(self.min_thing_size, bool) or not isinstance(self.min_thing_size, (int, np.integer))
+                or self.min_thing_size < 0):
+            raise ValueError(f"min_thing_size must be a non-negative integer, got {self.min_thing_size!r}")
         if self.num_threads is not None and (
             isinstance(self.num_threads, bool) or not isinstance(self.num_threads, (int, np.integer)) or self.num_threads < 1
         ):
@@ -332,28 +342,54 @@ def solve_amwc_maps(node_costs: torch.Tensor, edge_costs: torch.Tensor, edges: A
 # ----------------------------------------------------------------------------------------------------
 # segments from an AMWC solution
 # ----------------------------------------------------------------------------------------------------
-def _segments(labels: np.ndarray, cids: np.ndarray, part: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Slot of every node and class of every slot: one slot per stuff class, one per thing cluster.
-    Ordered by class, then by cluster id (= order of the first node; ``solve_amwc`` numbers them so)."""
+def _segments(labels: np.ndarray, cids: np.ndarray, part: np.ndarray,
+              min_thing_size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Slot of every node (-1: a thing cluster of fewer than ``min_thing_size`` nodes, which gets no
+    slot) and class of every slot: one slot per stuff class, one per kept thing cluster. Ordered by
+    class, then by cluster id (= order of the first node; ``solve_amwc`` numbers them so)."""
     N = labels.shape[0]
     key = labels * (N + 1) + np.where(part[labels], cids + 1, 0)
-    uniq, inv = np.unique(key, return_inverse=True)
-    return inv.reshape(-1).astype(np.int64), (uniq // (N + 1)).astype(np.int64)
+    uniq, inv, counts = np.unique(key, return_inverse=True, return_counts=True)
+    cls = (uniq // (N + 1)).astype(np.int64)
+    kept = ~part[cls] | (counts >= min_thing_size)
+    new_id = np.where(kept, np.cumsum(kept) - 1, -1)
+    return new_id[inv.reshape(-1)].astype(np.int64), cls[kept]
 
 
-def _lifted_space(g: np.ndarray, slot_cls: np.ndarray, is_pred: np.ndarray, K: int):
-    """Lifted labels of one image: ``m`` (J,) class of each label, ``slot`` (J,) its slot or -1."""
+def _lifted_space(g: np.ndarray, slot_cls: np.ndarray, is_pred: np.ndarray, K: int,
+                  unslotted_classes: np.ndarray):
+    """Lifted labels of one image: ``m`` (J,) class of each label, ``slot`` (J,) its slot or -1.
+    Per class in ascending order: one label per active slot (predicted, or with a non-zero gradient),
+    then one label without a slot if the class has no active slot or is in ``unslotted_classes`` (the
+    classes of the dropped small thing clusters, whose nodes have no slot)."""
     active = is_pred | (g != 0).any(axis=1)
+    extra = np.zeros(K, bool)
+    extra[unslotted_classes] = True
     m, slot = [], []
     for c in range(K):
         s = np.flatnonzero(active & (slot_cls == c))
-        if s.size == 0:
+        m.extend([c] * s.size)
+        slot.extend(s.tolist())
+        if s.size == 0 or extra[c]:
             m.append(c)
             slot.append(-1)
-        else:
-            m.extend([c] * s.size)
-            slot.extend(s.tolist())
     return np.asarray(m, np.int64), np.asarray(slot, np.int64)
+
+
+def lifted_labels(g: np.ndarray, slot_cls: np.ndarray, is_pred: np.ndarray, labels: np.ndarray,
+                  slot_of: np.ndarray, K: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lifted label space of one image and the forward solution in it: ``(m, slot, z0)``, ``z0[v]``
+    the label of ``v``'s slot, or for a node without a slot (a dropped small thing cluster) the label
+    without a slot of its class. ``g`` (S, N) the incoming gradient, ``labels`` (N,) the forward classes,
+    ``slot_of`` (N,) the slot of every node or -1 (``_segments``)."""
+    loose = slot_of < 0
+    m, slot = _lifted_space(g, slot_cls, is_pred, K, np.unique(labels[loose]))
+    label_of_slot = np.full(g.shape[0], -1, np.int64)
+    label_of_slot[slot[slot >= 0]] = np.flatnonzero(slot >= 0)
+    unslotted = np.full(K, -1, np.int64)
+    unslotted[m[slot < 0]] = np.flatnonzero(slot < 0)
+    z0 = np.where(loose, unslotted[labels], label_of_slot[np.maximum(slot_of, 0)])
+    return m, slot, z0
 
 
 def _keep_extra(extra: np.ndarray, pred_cls: np.ndarray, part: np.ndarray) -> np.ndarray:
@@ -406,10 +442,7 @@ def _backward_warm(st: "_Ctx", g: np.ndarray, lambdas: np.ndarray, gtheta: np.nd
 
     def prepare(item):
         b, gb, _ = item
-        m, slot = _lifted_space(gb, st.seg_cls[b], st.seg_pred[b], K)
-        label_of_slot = np.full(gb.shape[0], -1, np.int64)
-        label_of_slot[slot[slot >= 0]] = np.flatnonzero(slot >= 0)
-        z0 = label_of_slot[st.slot_of[b]]  # every predicted slot is active, so every pixel has its label
+        m, slot, z0 = lifted_labels(gb, st.seg_cls[b], st.seg_pred[b], st.labels[b], st.slot_of[b], K)
         return prepare_lifted_problem(st.theta[b], m, slot, gb, z0, st.edges, st.c[b])
 
     def solve(job):
@@ -447,7 +480,7 @@ def _backward_cold(st: "_Ctx", g: np.ndarray, lambdas: np.ndarray, gtheta: np.nd
         gb = _image_gradient(g, st, b)
         if not gb.any():
             continue
-        m, slot = _lifted_space(gb, st.seg_cls[b], st.seg_pred[b], K)
+        m, slot, _ = lifted_labels(gb, st.seg_cls[b], st.seg_pred[b], st.labels[b], st.slot_of[b], K)
         gb = gb.astype(np.float64, copy=False)
         delta = np.zeros((N, m.size), np.float64)
         has = slot >= 0
@@ -531,7 +564,7 @@ class AMWCFunction(torch.autograd.Function):
 
         slot_of, slot_cls, n_pred = [], [], []
         for b, (lab, cid, _) in enumerate(results):
-            so, sc = _segments(lab, cid, part)
+            so, sc = _segments(lab, cid, part, settings.min_thing_size)
             slot_of.append(so)
             n_pred.append(sc.size)
             slot_cls.append(np.concatenate([sc, _keep_extra(extra[b], sc, part)]))
@@ -544,7 +577,8 @@ class AMWCFunction(torch.autograd.Function):
         for b in range(B):
             seg_cls[b, : slot_cls[b].size] = slot_cls[b]
             seg_pred[b, : n_pred[b]] = True
-            Z[b, slot_of[b], np.arange(N)] = 1.0
+            has = slot_of[b] >= 0  # nodes of dropped small thing clusters are in no slot
+            Z[b, slot_of[b][has], np.flatnonzero(has)] = 1.0
         cut = (cids[:, ed[:, 0]] != cids[:, ed[:, 1]]).astype(np.float64)  # (B, E)
         energy = np.array([r[2] for r in results], np.float64)
 

@@ -68,7 +68,8 @@ def add_cops_config(cfg: CN) -> CN:
     # "normal" (N(0, 0.001) weights, zero bias, as Detectron2's Panoptic-DeepLab predictors; the tiny
     # synthetic configs use it: see their header).
     a.PREDICTOR_INIT = "xavier"
-    # Thing clusters with fewer grid pixels become void at inference (public code: 12 // 4 = 3).
+    # Thing clusters with fewer grid pixels become void at inference and get no segment slot in the
+    # full stage's PQ surrogate (public code: IGNORE_INSTANCE_SIZE_AMC 12 // 4 = 3, in both).
     c.MIN_THING_CLUSTER_SIZE = 3
     # Threads of the AMWC solver at inference (one problem per image); 0 = os.cpu_count().
     c.SOLVER_THREADS = 0

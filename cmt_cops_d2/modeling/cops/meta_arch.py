@@ -25,8 +25,10 @@ robust average of eq. (4):
 2. per image, on the mapper's stride-4 target grid (``panoptic``, the top-left cells of the padded
    grid): ``amwc_layer`` with ``pixel_weights = panoptic_weights`` (0 at void / crowd, so those pixels
    and their edges get no gradient), ``partitionable`` = thing classes and one extra (false-negative)
-   slot per GT segment (``panoptic_classes``); images of equal grid size are solved in one call
-   (one thread per image forward, ``B * N`` MWC problems backward);
+   slot per GT segment (``panoptic_classes``); thing clusters under ``MODEL.COPS.MIN_THING_CLUSTER_SIZE``
+   grid pixels get no slot (the public code's ``IGNORE_INSTANCE_SIZE_AMC // 4``, as at inference); images
+   of equal grid size are solved in one call (one thread per image forward, ``B * N`` MWC problems
+   backward);
 3. :func:`.criterion.loss_slots`: the loss sees the predicted segments and, per class, only as many extra slots
    as the class has GT segments without a prediction (``max(0, G_c - P_c)``); an empty slot is no false
    positive (:mod:`.pq_surrogate`, choice 8); the dropped ones get no gradient and do not enter the
@@ -172,7 +174,8 @@ class COPS(nn.Module):
             edge_distances=self.edge_distances, is_thing=self.is_thing,
             affinity_loss_weight=affinity_loss_weight, affinity_top_k=affinity_top_k,
             amwc_settings=amwc_settings if amwc_settings is not None else AMWCSettings(
-                num_threads=self.solver_threads, seed=torch.initial_seed()),
+                num_threads=self.solver_threads, seed=torch.initial_seed(),
+                min_thing_size=self.min_thing_cluster_size),
             pq_loss_weight=pq_loss_weight, thing_area=thing_area, stuff_area=stuff_area,
             target_stride=self.target_stride, cost_dropout=cost_dropout)
         self.thing_area, self.stuff_area = float(thing_area), float(stuff_area)
@@ -281,10 +284,10 @@ class COPS(nn.Module):
             return AMWCSettings(num_samples=int(c.NUM_LAMBDA_SAMPLES), lambda_min=c.LAMBDA_MIN,
                                 lambda_max=c.LAMBDA_MAX, num_threads=int(c.SOLVER_THREADS) or None,
                                 seed=torch.initial_seed(), backward_solver=c.BACKWARD_SOLVER,
-                                warm_rounds=c.BACKWARD_WARM_ROUNDS)
+                                warm_rounds=c.BACKWARD_WARM_ROUNDS, min_thing_size=c.MIN_THING_CLUSTER_SIZE)
         except ValueError as e:
             raise ValueError(f"MODEL.COPS.LAMBDA_MIN / LAMBDA_MAX / NUM_LAMBDA_SAMPLES / BACKWARD_SOLVER / "
-                             f"BACKWARD_WARM_ROUNDS: {e}") from None
+                             f"BACKWARD_WARM_ROUNDS / MIN_THING_CLUSTER_SIZE: {e}") from None
 
     @property
     def device(self):

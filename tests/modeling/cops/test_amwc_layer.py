@@ -98,13 +98,22 @@ def run(thetas, cs, gts, settings, weights=None, grad=True):
 # ----------------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------------
-def test_forward_is_the_solver_solution():
+def dropped_pixels(labels, cids, min_thing_size):
+    """Pixels of thing clusters with fewer than ``min_thing_size`` pixels (they get no slot)."""
+    sizes = np.bincount(cids)[cids]
+    return PART[labels] & (sizes < min_thing_size)
+
+
+@pytest.mark.parametrize("min_thing_size", [3, 1])
+def test_forward_is_the_solver_solution(min_thing_size):
     rng = np.random.default_rng(0)
     probs = [random_problem(rng) for _ in range(5)]
     th, ce = to_tensors([p[0] for p in probs], [p[1] for p in probs])
     extra = [p[3] for p in probs]
-    out = amwc_layer(th, ce, EDGES, PART, extra_slot_classes=extra, settings=AMWCSettings(num_threads=2))
+    st = AMWCSettings(num_threads=2, min_thing_size=min_thing_size)
+    out = amwc_layer(th, ce, EDGES, PART, extra_slot_classes=extra, settings=st)
     assert out.segments.requires_grad and out.segments.dtype == th.dtype
+    n_dropped = 0
     for b, (theta, c, _, classes) in enumerate(probs):
         lab, cid, en = solve_amwc(theta, EDGES, c, PART)
         labels, cids = out.labels[b].reshape(-1).numpy(), out.cluster_ids[b].reshape(-1).numpy()
@@ -112,10 +121,13 @@ def test_forward_is_the_solver_solution():
         assert out.energy[b].item() == pytest.approx(en)
         check_amwc_solution(theta, EDGES, c, PART, labels, cids, out.energy[b].item())
         assert (out.edge_cut[b].numpy() == (cids[EDGES[:, 0]] != cids[EDGES[:, 1]])).all()
-        # segments: one slot per pixel; stuff slot = all pixels of the class; thing slot = one cluster
+        # segments: one slot per pixel, none for the pixels of thing clusters under min_thing_size; stuff
+        # slot = all pixels of the class; thing slot = one cluster of at least min_thing_size pixels
         Z = out.segments[b].detach().reshape(-1, N).numpy()
         sc, sp = out.segment_classes[b].numpy(), out.segment_is_pred[b].numpy()
-        assert (Z.sum(0) == 1).all()
+        dropped = dropped_pixels(labels, cids, min_thing_size)
+        n_dropped += int(dropped.sum())
+        assert (Z.sum(0) == np.where(dropped, 0, 1)).all()
         n_pred = int(sp.sum())
         assert sp[:n_pred].all() and (np.diff(sc[:n_pred]) >= 0).all()
         for s in range(n_pred):
@@ -123,13 +135,17 @@ def test_forward_is_the_solver_solution():
             assert mask.any() and (labels[mask] == sc[s]).all()
             if PART[sc[s]]:
                 assert len(np.unique(cids[mask])) == 1 and (mask == (cids == cids[mask][0])).all()
+                assert mask.sum() >= min_thing_size
             else:
                 assert (mask == (labels == sc[s])).all()
+        n_kept_things = len(np.unique(cids[PART[labels] & ~dropped]))
+        assert n_pred == n_kept_things + len(np.unique(labels[~PART[labels]]))
         # extra slots: every GT thing class; a GT stuff class only if no predicted segment has it
         expected = [c for c in classes if PART[c] or c not in sc[:n_pred]]
         n_extra = len(expected)
         assert (sc[n_pred : n_pred + n_extra] == expected).all() and (Z[n_pred:].sum() == 0)
         assert (sc[n_pred + n_extra :] == -1).all()
+    assert (n_dropped > 0) == (min_thing_size > 1)  # the instances have clusters of 1 and 2 pixels
 
 
 def test_edge_maps_match_flat_edges():
@@ -357,7 +373,8 @@ def test_input_validation():
     with pytest.raises(ValueError, match="floating-point"):
         call(node_costs=th.detach().long())
     for kw in (dict(num_samples=0), dict(lambda_min=0.0), dict(lambda_min=3.0, lambda_max=2.0), dict(reference="x"), dict(lambdas=[1.0, -1.0]),
-               dict(backward_solver="lpmp"), dict(warm_rounds=0), dict(warm_rounds=True)):
+               dict(backward_solver="lpmp"), dict(warm_rounds=0), dict(warm_rounds=True), dict(min_thing_size=-1),
+               dict(min_thing_size=2.5)):
         with pytest.raises(ValueError):
             AMWCSettings(**kw)
     # a NaN incoming gradient is reported in the backward
@@ -374,18 +391,23 @@ def test_input_validation():
     assert AMWCFunction is not None
 
 
-def _algorithm_1(theta, c, seg_cls, seg_pred, dZ, lambdas, reference, slot_of_pixel=None):
+def _algorithm_1(theta, c, seg_cls, seg_pred, dZ, lambdas, reference, slot_of_pixel=None, min_thing_size=3):
     """Algorithm 1 written out for one image: lifted labels = one per active slot of each class (a
     predicted slot, or an extra slot with a non-zero incoming gradient), one plain label for a class
-    without any; ``(MWC(theta_lifted + lambda dL/dZ) - reference) / lambda`` averaged over the lambdas.
-    MWC is ``solve_mwc`` (cold), or with ``slot_of_pixel`` given ``solve_mwc_warm`` started from the
-    forward solution lifted (each pixel the label of its slot) with the forward label margins."""
+    without any or with dropped clusters (thing clusters under ``min_thing_size`` pixels);
+    ``(MWC(theta_lifted + lambda dL/dZ) - reference) / lambda`` averaged over the lambdas. MWC is
+    ``solve_mwc`` (cold), or with ``slot_of_pixel`` given ``solve_mwc_warm`` started from the forward
+    solution lifted (each pixel the label of its slot, a dropped pixel its class's plain label) with the
+    forward label margins."""
+    lab, cid, _ = solve_amwc(theta, EDGES, c, PART)
+    dropped = dropped_pixels(lab, cid, min_thing_size)
     active = seg_pred | (dZ != 0).any(axis=1)
     m, slot = [], []
     for k in range(K):
         s = [j for j in range(len(seg_cls)) if active[j] and seg_cls[j] == k]
-        m += [k] * max(len(s), 1)
-        slot += s if s else [-1]
+        plain = not s or (dropped & (lab == k)).any()
+        m += [k] * (len(s) + plain)
+        slot += s + ([-1] if plain else [])
     m, slot = np.array(m), np.array(slot)
     delta = np.stack([dZ[j] if j >= 0 else np.zeros(N) for j in slot], axis=1)
     u, v = EDGES[:, 0], EDGES[:, 1]
@@ -393,12 +415,12 @@ def _algorithm_1(theta, c, seg_cls, seg_pred, dZ, lambdas, reference, slot_of_pi
     def node_and_cut(z):
         return np.eye(K)[m[z]], (z[u] != z[v]).astype(np.float64)
 
-    lab, cid, _ = solve_amwc(theta, EDGES, c, PART)
     if slot_of_pixel is None:
         def mwc(costs):
             return solve_mwc(costs, EDGES, c)[0]
     else:
-        z0 = np.array([list(slot).index(s) for s in slot_of_pixel])
+        z0 = np.array([list(zip(m, slot)).index((lab[v], -1)) if dropped[v] else list(slot).index(s)
+                       for v, s in enumerate(slot_of_pixel)])
         margins = theta[np.arange(N), lab] - theta.min(axis=1)
 
         def mwc(costs):
@@ -416,17 +438,19 @@ def _algorithm_1(theta, c, seg_cls, seg_pred, dZ, lambdas, reference, slot_of_pi
 
 
 @pytest.mark.parametrize("backward_solver", ["warm", "cold"])
-@pytest.mark.parametrize("reference", [None, "amwc", "mwc"])
-def test_gradient_is_algorithm_1_with_its_reference_solution(reference, backward_solver):
+@pytest.mark.parametrize("reference,min_thing_size", [(None, 3), ("amwc", 1), ("mwc", 3)])
+def test_gradient_is_algorithm_1_with_its_reference_solution(reference, min_thing_size, backward_solver):
     """The layer's gradients equal Algorithm 1 written out here; the default (None) subtracts the forward
     AMWC solution as the paper and the public code do, "mwc" the unperturbed lifted MWC solution. The
     instances are chosen so that the two references give different gradients. The MWC solves start
-    from the forward solution (default) or from scratch."""
+    from the forward solution (default) or from scratch. With the default ``min_thing_size`` 3 many
+    instances have dropped clusters (pixels without a slot: their class's plain label)."""
     rng = np.random.default_rng(11)
     lambdas = [0.3, 1.7, 4.0]
-    kw = dict(backward_solver=backward_solver) if reference is None else dict(reference=reference,
-                                                                             backward_solver=backward_solver)
-    differs = 0
+    kw = dict(backward_solver=backward_solver, min_thing_size=min_thing_size)
+    if reference is not None:
+        kw["reference"] = reference
+    differs = with_dropped = 0
     for _ in range(40):
         theta, c, masks, classes = random_problem(rng, node_noise=2.5, edge_noise=2.5)
         th, ce = to_tensors([theta], [c])
@@ -437,10 +461,13 @@ def test_gradient_is_algorithm_1_with_its_reference_solution(reference, backward
         S = seg.shape[1]
         args = (theta, c, out.segment_classes[0].numpy(), out.segment_is_pred[0].numpy(),
                 seg.grad[0].reshape(S, N).numpy(), lambdas)
-        warm = seg[0].detach().reshape(S, N).argmax(0).numpy() if backward_solver == "warm" else None
-        want_th, want_c = _algorithm_1(*args, reference or "amwc", warm)
-        other_th, other_c = _algorithm_1(*args, "mwc" if reference in (None, "amwc") else "amwc", warm)
+        Z = seg[0].detach().reshape(S, N).numpy()
+        warm = np.where(Z.any(0), Z.argmax(0), -1) if backward_solver == "warm" else None
+        with_dropped += int(not Z.any(0).all())
+        want_th, want_c = _algorithm_1(*args, reference or "amwc", warm, min_thing_size)
+        other_th, other_c = _algorithm_1(*args, "mwc" if reference in (None, "amwc") else "amwc", warm, min_thing_size)
         np.testing.assert_allclose(th.grad[0].numpy().reshape(K, N).T, want_th, rtol=0, atol=1e-12)
         np.testing.assert_allclose(ce.grad[0].numpy(), want_c, rtol=0, atol=1e-12)
         differs += int(not (np.allclose(want_th, other_th) and np.allclose(want_c, other_c)))
     assert differs >= 1  # the two references are told apart on these instances
+    assert (with_dropped >= 10) == (min_thing_size > 1)

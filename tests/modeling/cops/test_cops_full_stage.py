@@ -178,6 +178,7 @@ def test_per_stage_learning_rates(cfg):
     (("MODEL.COPS.COST_DROPOUT", "1.0"), "MODEL.COPS.COST_DROPOUT"),
     (("MODEL.COPS.BACKWARD_SOLVER", "lpmp"), "MODEL.COPS.+BACKWARD_SOLVER.+'warm' or 'cold'"),
     (("MODEL.COPS.BACKWARD_WARM_ROUNDS", "0"), "MODEL.COPS.+BACKWARD_WARM_ROUNDS.+positive integer"),
+    (("MODEL.COPS.MIN_THING_CLUSTER_SIZE", "-1"), "MODEL.COPS.+MIN_THING_CLUSTER_SIZE.+non-negative integer"),
 ])
 def test_bad_config_raises_naming_the_key(tiny_synthetic, opts, match):
     with pytest.raises(ValueError, match=match if ".+" in match else match.replace(".", r"\.")):
@@ -189,6 +190,9 @@ def test_backward_solver_settings_come_from_the_config(tiny_synthetic):
     assert (default.backward_solver, default.warm_rounds) == ("warm", 1)
     cold = build_model(full_cfg("MODEL.COPS.BACKWARD_SOLVER", "cold", "MODEL.COPS.BACKWARD_WARM_ROUNDS", "2"))
     assert (cold.criterion.amwc_settings.backward_solver, cold.criterion.amwc_settings.warm_rounds) == ("cold", 2)
+    # small thing clusters get no slot in the loss as at inference (public code: 3 grid pixels in both)
+    assert default.min_thing_size == 3
+    assert build_model(full_cfg("MODEL.COPS.MIN_THING_CLUSTER_SIZE", "5")).criterion.amwc_settings.min_thing_size == 5
 
 
 def test_all_void_images(cfg, batch):
