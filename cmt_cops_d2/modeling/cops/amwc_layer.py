@@ -78,7 +78,7 @@ Choices where the paper is silent (or differs from the public code)
   solution lifted to the label space (each pixel the label of its slot; ``solvers.solve_mwc_warm``):
   the forward segments stay clusters except where the perturbation pushes pixels away from their label
   (their label lost ground to their cheapest one), the contracted problem is solved as ``solve_mwc``
-  does, then node ICM. On the layer's problems it is 3-7x faster than a cold solve and its energy is
+  does, then node ICM. On the layer's problems it is 5-10x faster than a cold solve and its energy is
   lower on most samples (up to ~9%: a cold contraction on the lifted space, whose labels of one class
   tie, often ends worse) and at most ~0.3% higher on the others (``tools/benchmark_amwc.py``,
   ``tests/solvers/test_warm.py``). It returns the forward solution unless it finds a strictly cheaper

@@ -92,7 +92,7 @@ def add_cops_config(cfg: CN) -> CN:
     # How the N perturbed multiway cuts of the backward are solved (paper and public code silent on the
     # solver beyond "MWC"): "warm" starts each from the forward solution (solvers.solve_mwc_warm: the
     # forward segments are kept as clusters except where the perturbation pushes pixels away; lower
-    # energies than "cold" on most problems and 3-7x faster, tools/benchmark_amwc.py), "cold" solves
+    # energies than "cold" on most problems and 5-10x faster, tools/benchmark_amwc.py), "cold" solves
     # each from scratch (solvers.solve_mwc), as the public code does with LPMP.
     c.BACKWARD_SOLVER = "warm"
     # Rounds of the warm start (each re-clusters from the previous labels; 2 costs about twice as much).
