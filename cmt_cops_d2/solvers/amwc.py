@@ -152,10 +152,7 @@ def validate_magnitudes(theta: np.ndarray, costs: np.ndarray) -> None:
     """Reject costs whose sums could overflow: ``sum_v max_l |theta[v, l]| + sum_e |c_e|`` (a bound on
     every energy and partial sum) must stay below :data:`MAX_ENERGY`. ``theta`` and ``costs`` are
     validated (finite float64) arrays."""
-    with np.errstate(over="ignore"):
-        # max_l |theta[v, l]| from the row extremes: no N x K temporary on the backward's hot path
-        node_part = float(np.maximum(theta.max(axis=1), -theta.min(axis=1)).sum()) if theta.shape[0] else 0.0
-        bound = node_part + float(np.abs(costs).sum())
+    bound = float(_core.magnitude_bound(theta, costs))  # inf once it overflows
     if not bound <= MAX_ENERGY:
         raise ValueError(
             f"node_costs and edge_costs are too large: the energy could reach {bound:.3g} (sum over nodes of "
