@@ -12,8 +12,8 @@ regions + elliptic instances that occlude each other):
 ``--noise`` scales every noise term. At 1 (default) the instances are a stress case: the solution has
 about 17x (COCO size) to 40x (Cityscapes size) more segments than the ground truth, mostly thing
 fragments of a few cells, and the backward's perturbed solutions move about half of the pixels. At 0.5
-the solution is close to the ground truth (21 segments for 19 at COCO size, 37 for 32 at Cityscapes size), as from a trained
-network.
+the solution is close to the ground truth (21 segments for 19 at COCO size, 37 for 32 at Cityscapes
+size), as from a trained network.
 
 Reported per size: solve time on one thread (median over ``--repeats``), the energy, the energy and
 time of the plain greedy contraction with stale gains (LPMP behaviour, ``solve_amwc_gaec_stale``) and
